@@ -1,0 +1,306 @@
+//! Configuration loading: embedded defaults, then an optional TOML file (named by
+//! `MESHWORK_CONFIG`), then `MESHWORK_` environment variables (`__` separates nesting:
+//! `MESHWORK_SERVER__LISTEN_ADDR=0.0.0.0:50051`). Each service declares one typed struct with
+//! `#[serde(deny_unknown_fields)]`; an unknown or ill-typed key is an error that names it.
+//!
+//! The building blocks every service shares ([`ServerConfig`], [`DatabaseConfig`],
+//! [`ClientConfig`]) live here too, with their validation.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// The environment variable naming an optional configuration file.
+pub const CONFIG_FILE_VAR: &str = "MESHWORK_CONFIG";
+/// Prefix of every configuration environment variable.
+pub const ENV_PREFIX: &str = "MESHWORK_";
+
+/// Why a configuration could not be loaded; the message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(Box<figment::Error>),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A service's configuration: loadable, and able to check the values serde cannot.
+pub trait Validate {
+    /// Checks values across fields; the error names the key.
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+/// Loads `T` from its defaults, the file named by `MESHWORK_CONFIG` (if set) and the environment.
+pub fn load<T>() -> Result<T, ConfigError>
+where
+    T: Default + Serialize + DeserializeOwned + Validate,
+{
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(path) = std::env::var_os(CONFIG_FILE_VAR).map(PathBuf::from) {
+        if !path.exists() {
+            return Err(ConfigError::MissingFile(path));
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    let figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["CONFIG", "LOG_FORMAT"]).split("__"));
+    from_figment(figment)
+}
+
+/// Extracts and validates `T` from an assembled figment (what [`load`] does after assembling it).
+pub fn from_figment<T>(figment: Figment) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Validate,
+{
+    let config: T = figment
+        .extract()
+        .map_err(|e| ConfigError::Load(Box::new(e)))?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Largest gRPC message a server accepts by default (4 MiB, tonic's own default, made explicit).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How a service's gRPC server listens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the gRPC port; port 0 picks a free one.
+    pub listen_addr: SocketAddr,
+    /// Largest request message accepted; larger ones get OUT_OF_RANGE... see [`crate::server`].
+    pub max_message_bytes: usize,
+    /// Longest time in-flight calls get to finish after a shutdown signal.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Upper bound on any call's processing time, whatever `grpc-timeout` the caller sent.
+    #[serde(with = "humantime_serde")]
+    pub max_call_duration: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults listening on `port` of the loopback interface.
+    pub fn on_port(port: u16) -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        if self.max_message_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.max_message_bytes"),
+                "must be at least 1024",
+            ));
+        }
+        if self.max_call_duration.is_zero() {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.max_call_duration"),
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            drain_timeout: Duration::from_secs(10),
+            max_call_duration: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where a service keeps its data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://path/to/file.db` (created when absent) or `postgres://user@host/db`.
+    pub url: String,
+    /// Pool size.
+    pub max_connections: u32,
+    /// How long a call waits for a pooled connection before failing UNAVAILABLE.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+}
+
+impl DatabaseConfig {
+    /// A SQLite file named after the service under the local data directory.
+    pub fn sqlite_for(service: &str) -> Self {
+        Self {
+            url: format!("sqlite://.meshwork/data/{service}.db"),
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        crate::store::Backend::of_url(&self.url)
+            .map_err(|reason| ConfigError::invalid(format!("{prefix}.url"), reason))?;
+        if self.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.max_connections"),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://.meshwork/data/meshwork.db".to_owned(),
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// How a service reaches one downstream service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// `http://host:port` URIs of the downstream's replicas.
+    pub endpoints: Vec<String>,
+    /// How long establishing a connection to one endpoint may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The deadline of a call that did not set one.
+    #[serde(with = "humantime_serde")]
+    pub default_deadline: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults pointing at one endpoint.
+    pub fn to(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoints: vec![endpoint.into()],
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        if self.endpoints.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.endpoints"),
+                "needs at least one endpoint",
+            ));
+        }
+        for endpoint in &self.endpoints {
+            let uri: http::Uri = endpoint.parse().map_err(|e| {
+                ConfigError::invalid(format!("{prefix}.endpoints"), format!("`{endpoint}`: {e}"))
+            })?;
+            if uri.scheme().is_none() || uri.authority().is_none() {
+                return Err(ConfigError::invalid(
+                    format!("{prefix}.endpoints"),
+                    format!("`{endpoint}` must look like http://host:port"),
+                ));
+            }
+        }
+        if self.default_deadline.is_zero() {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.default_deadline"),
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            connect_timeout: Duration::from_secs(2),
+            default_deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Sample {
+        server: ServerConfig,
+        database: DatabaseConfig,
+    }
+
+    impl Validate for Sample {
+        fn validate(&self) -> Result<(), ConfigError> {
+            self.server.validate("server")?;
+            self.database.validate("database")
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let figment = Figment::from(Serialized::defaults(Sample::default()));
+        assert!(from_figment::<Sample>(figment).is_ok());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let figment = Figment::from(Serialized::defaults(Sample::default()))
+            .merge(Toml::string("[server]\nlisten_adr = \"127.0.0.1:1\""));
+        let err = from_figment::<Sample>(figment).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("listen_adr")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn ill_typed_value_is_named() {
+        let figment = Figment::from(Serialized::defaults(Sample::default()))
+            .merge(Toml::string("[server]\nlisten_addr = \"not an address\""));
+        let err = from_figment::<Sample>(figment).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("server.listen_addr")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn bad_database_url_is_named() {
+        let figment = Figment::from(Serialized::defaults(Sample::default()))
+            .merge(Toml::string("[database]\nurl = \"mysql://x\""));
+        let err = from_figment::<Sample>(figment).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("database.url")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MESHWORK_SERVER__MAX_MESSAGE_BYTES", "2048");
+            let config: Sample = load().map_err(|e| e.to_string())?;
+            assert_eq!(config.server.max_message_bytes, 2048);
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,22 @@
+//! Meshwork's shared stack. Every service gets its server, its clients, its configuration and
+//! its storage plumbing from here, so that a behaviour of the mesh lives in exactly one place.
+//!
+//! - [`config`]: defaults -> optional file -> `MESHWORK_` environment, validated at start;
+//! - [`server`]: the one server builder (health, reflection, limits, graceful shutdown);
+//! - [`client`]: the one client channel builder (endpoints, connect timeout, deadlines);
+//! - [`deadline`]: the per-call deadline layer and the `grpc-timeout` codec;
+//! - [`store`]: opening SQLite or PostgreSQL and applying a service's migrations;
+//! - [`status`]: field violations and storage failures as gRPC statuses;
+//! - [`pagination`], [`timestamp`]: the contracts' conventions, implemented once;
+//! - [`shutdown`], [`telemetry`]: process plumbing shared by every binary.
+
+pub mod client;
+pub mod config;
+pub mod deadline;
+pub mod pagination;
+pub mod server;
+pub mod shutdown;
+pub mod status;
+pub mod store;
+pub mod telemetry;
+pub mod timestamp;
