@@ -16,14 +16,13 @@ pub fn init(service: &str) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let json = std::env::var(LOG_FORMAT_VAR).is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let registry = tracing_subscriber::registry().with(filter);
-    let result = if json {
+    // A second initialisation (several apps in one test process) keeps the first subscriber.
+    let _ = if json {
         registry
             .with(fmt::layer().json().with_current_span(true))
             .try_init()
     } else {
         registry.with(fmt::layer().with_target(false)).try_init()
     };
-    if result.is_ok() {
-        tracing::info!(service, "telemetry initialised");
-    }
+    tracing::debug!(service, "telemetry initialised");
 }

@@ -1,1 +1,31 @@
-fn main() {}
+//! `meshctl`: runs the local mesh (`meshctl up`) and walks the user journey (register, login,
+//! top up, order, watch, cancel) through the generated Rust client.
+
+mod journey;
+mod up;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "meshctl", version, about = "Run and call the Meshwork gRPC mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start every service locally (users twice), wait until all are SERVING, stop on Ctrl-C.
+    Up(up::UpArgs),
+    #[command(flatten)]
+    Journey(journey::JourneyCommand),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    mesh::telemetry::init("meshctl");
+    match Cli::parse().command {
+        Command::Up(args) => up::run(args).await,
+        Command::Journey(command) => journey::run(command).await,
+    }
+}

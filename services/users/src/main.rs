@@ -1,0 +1,15 @@
+//! The users service binary: load the configuration, start telemetry, serve until SIGTERM or
+//! Ctrl-C.
+
+use users::{App, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    mesh::telemetry::init("users");
+    let config: Config = mesh::config::load()?;
+    App::build(config)
+        .await?
+        .run_until_stopped(mesh::shutdown::signal())
+        .await?;
+    Ok(())
+}
