@@ -57,7 +57,11 @@ where
         }
         figment = figment.merge(Toml::file_exact(path));
     }
-    let figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["CONFIG", "LOG_FORMAT"]).split("__"));
+    let figment = figment.merge(
+        Env::prefixed(ENV_PREFIX)
+            .ignore(&["CONFIG", "LOG_FORMAT"])
+            .split("__"),
+    );
     from_figment(figment)
 }
 

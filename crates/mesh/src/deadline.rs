@@ -186,7 +186,11 @@ mod tests {
     #[test]
     fn malformed_values_are_rejected() {
         for bad in ["", "5", "5x", "123456789S", "-1S", "S"] {
-            assert_eq!(decode_timeout(&HeaderValue::from_static(bad)), None, "{bad}");
+            assert_eq!(
+                decode_timeout(&HeaderValue::from_static(bad)),
+                None,
+                "{bad}"
+            );
         }
     }
 

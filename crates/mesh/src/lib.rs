@@ -10,13 +10,18 @@
 //! - [`pagination`], [`timestamp`]: the contracts' conventions, implemented once;
 //! - [`shutdown`], [`telemetry`]: process plumbing shared by every binary.
 
+pub mod authz;
 pub mod client;
 pub mod config;
 pub mod deadline;
+pub mod identity;
 pub mod pagination;
+pub mod pki;
 pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod timestamp;
+pub mod tls;
+pub mod transport;

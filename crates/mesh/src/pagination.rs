@@ -57,7 +57,9 @@ impl Page {
         let size = usize::try_from(self.size).unwrap_or(usize::MAX);
         if rows.len() > size {
             rows.truncate(size);
-            rows.last().map(|last| encode(&sort_key(last))).unwrap_or_default()
+            rows.last()
+                .map(|last| encode(&sort_key(last)))
+                .unwrap_or_default()
         } else {
             String::new()
         }

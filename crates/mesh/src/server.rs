@@ -20,12 +20,15 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::config::ServerConfig;
+use crate::{authz::AuthzLayer, config::ServerConfig, tls::MeshTls, transport::tls_incoming};
+
+type ServeFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
 /// How often readiness is re-checked while NOT_SERVING, and while SERVING.
 const READINESS_RETRY: Duration = Duration::from_millis(250);
@@ -56,6 +59,8 @@ pub struct MeshServer {
     config: ServerConfig,
     listener: TcpListener,
     local_addr: SocketAddr,
+    tls: Option<MeshTls>,
+    authz: Option<AuthzLayer>,
 }
 
 impl MeshServer {
@@ -72,7 +77,21 @@ impl MeshServer {
             config: config.clone(),
             listener,
             local_addr,
+            tls: None,
+            authz: None,
         })
+    }
+
+    /// Serves mutual TLS only, with `tls` (reloaded from its files while serving).
+    pub fn with_tls(mut self, tls: MeshTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Puts the authorization layer in front of every service.
+    pub fn with_authz(mut self, authz: AuthzLayer) -> Self {
+        self.authz = Some(authz);
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -90,7 +109,9 @@ impl MeshServer {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let names: Vec<&'static str> = std::iter::once("").chain(services.iter().copied()).collect();
+        let names: Vec<&'static str> = std::iter::once("")
+            .chain(services.iter().copied())
+            .collect();
         set_all(&reporter, &names, ServingStatus::NotServing).await;
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -123,6 +144,7 @@ impl MeshServer {
         };
 
         let router = tonic::transport::Server::builder()
+            .layer(tower::util::option_layer(self.authz))
             .timeout(self.config.max_call_duration)
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
@@ -131,9 +153,25 @@ impl MeshServer {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        tracing::info!(addr = %self.local_addr, "serving gRPC");
-        let serving = router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), graceful);
+        let (serving, background): (ServeFuture, Vec<JoinHandle<()>>) = match self.tls {
+            Some(tls) => {
+                tracing::info!(addr = %self.local_addr, identity = %tls.identity(), "serving gRPC over mutual TLS");
+                let watcher = tls.watch();
+                let (incoming, acceptor) = tls_incoming(self.listener, tls);
+                (
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, graceful)),
+                    vec![watcher, acceptor],
+                )
+            }
+            None => {
+                tracing::info!(addr = %self.local_addr, "serving plaintext gRPC");
+                let incoming = TcpListenerStream::new(self.listener);
+                (
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, graceful)),
+                    Vec::new(),
+                )
+            }
+        };
 
         // Serving ends when drained; a call still running `drain_timeout` after the signal is
         // abandoned so that the process always exits.
@@ -150,6 +188,9 @@ impl MeshServer {
             }
         };
         watcher.abort();
+        for task in background {
+            task.abort();
+        }
         result
     }
 }

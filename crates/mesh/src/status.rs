@@ -100,7 +100,9 @@ pub fn storage(context: &str, error: &sqlx::Error) -> Status {
         sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
-        | sqlx::Error::WorkerCrashed => Status::unavailable(format!("{context}: storage unavailable")),
+        | sqlx::Error::WorkerCrashed => {
+            Status::unavailable(format!("{context}: storage unavailable"))
+        }
         sqlx::Error::Database(db) if is_busy(db.as_ref()) => {
             Status::unavailable(format!("{context}: storage busy, retry"))
         }

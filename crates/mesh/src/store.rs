@@ -134,7 +134,10 @@ fn prepare_sqlite_url(url: &str) -> Result<String, StoreError> {
             "sqlite needs a file path (replicas share it)".into(),
         ));
     }
-    if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
+    if let Some(parent) = Path::new(path)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
         std::fs::create_dir_all(parent).map_err(|source| StoreError::Directory {
             path: parent.display().to_string(),
             source,
@@ -203,7 +206,10 @@ mod tests {
     fn sqlite_urls_get_create_mode() {
         let dir = tempfile::tempdir().ok();
         let base = dir.as_ref().map(|d| d.path().join("a/b.db"));
-        let path = base.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let path = base
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         let url = prepare_sqlite_url(&format!("sqlite://{path}")).ok();
         assert_eq!(url, Some(format!("sqlite://{path}?mode=rwc")));
         assert!(base.is_some_and(|p| p.parent().is_some_and(Path::exists)));

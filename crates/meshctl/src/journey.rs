@@ -19,11 +19,26 @@ use tokio_stream::StreamExt;
 /// Where the services listen.
 #[derive(Args, Clone)]
 pub struct Targets {
-    #[arg(long, env = "MESHCTL_AUTH", default_value = "http://127.0.0.1:50052", global = true)]
+    #[arg(
+        long,
+        env = "MESHCTL_AUTH",
+        default_value = "http://127.0.0.1:50052",
+        global = true
+    )]
     auth: String,
-    #[arg(long, env = "MESHCTL_BILLING", default_value = "http://127.0.0.1:50053", global = true)]
+    #[arg(
+        long,
+        env = "MESHCTL_BILLING",
+        default_value = "http://127.0.0.1:50053",
+        global = true
+    )]
     billing: String,
-    #[arg(long, env = "MESHCTL_ORDERS", default_value = "http://127.0.0.1:50054", global = true)]
+    #[arg(
+        long,
+        env = "MESHCTL_ORDERS",
+        default_value = "http://127.0.0.1:50054",
+        global = true
+    )]
     orders: String,
 }
 
@@ -267,18 +282,27 @@ fn parse_item(text: &str, currency: &str) -> anyhow::Result<OrderItem> {
             .with_context(|| format!("quantity in `{text}`"))?,
         unit_price: Some(Money {
             currency_code: currency.to_owned(),
-            amount_minor: price.parse().with_context(|| format!("price in `{text}`"))?,
+            amount_minor: price
+                .parse()
+                .with_context(|| format!("price in `{text}`"))?,
         }),
     })
 }
 
 fn money(money: &Money) -> String {
-    format!("{} {} (minor units)", money.amount_minor, money.currency_code)
+    format!(
+        "{} {} (minor units)",
+        money.amount_minor, money.currency_code
+    )
 }
 
 fn print_order(order: &Order) {
     let status = OrderStatus::try_from(order.status)
-        .map(|s| s.as_str_name().trim_start_matches("ORDER_STATUS_").to_owned())
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("ORDER_STATUS_")
+                .to_owned()
+        })
         .unwrap_or_else(|_| order.status.to_string());
     let total = order.total.as_ref().map(money).unwrap_or_default();
     print!("order {} {status} total {total}", order.id);

@@ -7,7 +7,11 @@ mod up;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "meshctl", version, about = "Run and call the Meshwork gRPC mesh")]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Run and call the Meshwork gRPC mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

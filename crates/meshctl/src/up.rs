@@ -286,9 +286,14 @@ fn print_commands(instances: &[Instance]) {
             "  grpcurl -plaintext {} describe {}",
             instance.addr, instance.service
         );
-        println!("  grpcurl -plaintext {} {}", instance.addr, instance.example);
+        println!(
+            "  grpcurl -plaintext {} {}",
+            instance.addr, instance.example
+        );
         println!();
     }
-    println!("Or walk the journey: meshctl register --email ada@example.com --password 'correct horse'");
+    println!(
+        "Or walk the journey: meshctl register --email ada@example.com --password 'correct horse'"
+    );
     println!("Press Ctrl-C to stop every service.");
 }
