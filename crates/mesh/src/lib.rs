@@ -22,6 +22,7 @@ pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod testing;
 pub mod timestamp;
 pub mod tls;
 pub mod transport;
