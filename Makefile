@@ -21,6 +21,10 @@ GRPCURL_WRAPPER_VERSION := 1.8.6.post2
 GRPCIO_VERSION       := 1.85.1
 GRPCIO_TOOLS_VERSION := 1.85.1
 PROTOBUF_VERSION     := 7.36.2
+HELM_PYTHON_SDK_VERSION     := 0.2.2
+KUBERNETES_VALIDATE_VERSION := 1.37.0
+PYYAML_VERSION              := 6.0.3
+PYTEST_VERSION              := 9.2.0
 
 TOOLS_DIR := .tools
 STAMPS    := $(TOOLS_DIR)/stamps
@@ -35,6 +39,8 @@ GRPCURL := $(TOOLS_DIR)/bin/grpcurl
 
 VENV_STAMP := $(STAMPS)/venv-grpcurl$(GRPCURL_WRAPPER_VERSION)-grpcio$(GRPCIO_VERSION)-tools$(GRPCIO_TOOLS_VERSION)-protobuf$(PROTOBUF_VERSION)
 BUF_STAMP  := $(STAMPS)/buf-$(BUF_VERSION)
+CHART_VENV       := $(TOOLS_DIR)/chart-venv
+CHART_VENV_STAMP := $(STAMPS)/chart-venv-helm$(HELM_PYTHON_SDK_VERSION)-kv$(KUBERNETES_VALIDATE_VERSION)-pyyaml$(PYYAML_VERSION)-pytest$(PYTEST_VERSION)
 
 
 .PHONY: help
@@ -48,7 +54,18 @@ help: ## List the targets
 # ---- tools ---------------------------------------------------------------------------------
 
 .PHONY: tools
-tools: $(VENV_STAMP) $(GRPCURL) $(BUF_STAMP) ## Install buf, grpcurl, grpcio(-tools) into .tools/
+tools: $(VENV_STAMP) $(GRPCURL) $(BUF_STAMP) $(CHART_VENV_STAMP) ## Install buf, grpcurl, grpcio(-tools), chart tools into .tools/
+
+# The Helm library (helm-python-sdk) and the Kubernetes schema validator, in a venv of their own.
+$(CHART_VENV_STAMP):
+	rm -rf $(CHART_VENV) $(STAMPS)/chart-venv-*
+	$(PYTHON3) -m venv $(CHART_VENV)
+	$(CHART_VENV)/bin/python -m pip install --disable-pip-version-check --no-input --quiet \
+	  helm-python-sdk==$(HELM_PYTHON_SDK_VERSION) \
+	  kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION) \
+	  pyyaml==$(PYYAML_VERSION) \
+	  pytest==$(PYTEST_VERSION)
+	mkdir -p $(@D) && touch $@
 
 $(VENV_STAMP):
 	rm -rf $(VENV) $(STAMPS)/venv-* $(GRPCURL)
@@ -109,7 +126,11 @@ cargo-test: ## cargo test --workspace (PostgreSQL tests use TEST_POSTGRES_URL)
 	$(CARGO) test --workspace
 
 .PHONY: test
-test: fmt-check clippy lint-proto cargo-test ## fmt-check, clippy, lint-proto, cargo-test (CI)
+.PHONY: lint-chart
+lint-chart: $(CHART_VENV_STAMP) ## Helm chart: lint + render (defaults, ci/*-values.yaml), strict k8s 1.31-1.34 validation, manifest tests
+	$(CHART_VENV)/bin/python -m pytest tests/chart -q -p no:cacheprovider
+
+test: fmt-check clippy lint-proto lint-chart cargo-test ## fmt-check, clippy, lint-proto, lint-chart, cargo-test (CI)
 
 # ---- build and run -------------------------------------------------------------------------
 

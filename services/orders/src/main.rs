@@ -1,0 +1,15 @@
+//! The orders service binary: configuration from defaults, file and environment, then serve
+//! until SIGTERM or Ctrl-C.
+
+use orders::{App, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    mesh::telemetry::init("orders");
+    let config: Config = mesh::config::load()?;
+    App::build(config)
+        .await?
+        .run_until_stopped(mesh::shutdown::signal())
+        .await?;
+    Ok(())
+}
