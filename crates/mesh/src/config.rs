@@ -133,6 +133,15 @@ impl Default for ServerConfig {
     }
 }
 
+/// The plaintext admin port: `grpc.health.v1` for the kubelet's probes (it has no mesh
+/// certificate) and nothing else. Off unless an address is given.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// e.g. `0.0.0.0:9090` in a pod; reachable only from the node by NetworkPolicy.
+    pub listen_addr: Option<SocketAddr>,
+}
+
 /// Where a service keeps its data.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

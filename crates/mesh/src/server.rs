@@ -20,12 +20,21 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+};
 
-use crate::{authz::AuthzLayer, config::ServerConfig, tls::MeshTls, transport::tls_incoming};
+use crate::{
+    authz::AuthzLayer,
+    config::{AdminConfig, ServerConfig},
+    tls::MeshTls,
+    transport::tls_incoming,
+};
 
 type ServeFuture =
     std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
@@ -61,6 +70,7 @@ pub struct MeshServer {
     local_addr: SocketAddr,
     tls: Option<MeshTls>,
     authz: Option<AuthzLayer>,
+    admin: Option<(TcpListener, SocketAddr)>,
 }
 
 impl MeshServer {
@@ -79,7 +89,27 @@ impl MeshServer {
             local_addr,
             tls: None,
             authz: None,
+            admin: None,
         })
+    }
+
+    /// Also serves health, in plaintext, on the admin address (if `admin` has one).
+    pub async fn with_admin(mut self, admin: &AdminConfig) -> Result<Self, ServerError> {
+        if let Some(addr) = admin.listen_addr {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            self.admin = Some((listener, local));
+        }
+        Ok(self)
+    }
+
+    /// Where the admin port listens, if it does.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, addr)| *addr)
     }
 
     /// Serves mutual TLS only, with `tls` (reloaded from its files while serving).
@@ -153,23 +183,32 @@ impl MeshServer {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        let (serving, background): (ServeFuture, Vec<JoinHandle<()>>) = match self.tls {
+        let mut background = Vec::new();
+        if let Some((listener, addr)) = self.admin {
+            tracing::info!(%addr, "serving health on the plaintext admin port");
+            let admin = tonic::transport::Server::builder()
+                .add_service(HealthServer::new(HealthService::from_health_reporter(
+                    reporter.clone(),
+                )))
+                .serve_with_incoming(TcpListenerStream::new(listener));
+            background.push(tokio::spawn(async move {
+                if let Err(error) = admin.await {
+                    tracing::error!(%error, "admin port failed");
+                }
+            }));
+        }
+        let serving: ServeFuture = match self.tls {
             Some(tls) => {
                 tracing::info!(addr = %self.local_addr, identity = %tls.identity(), "serving gRPC over mutual TLS");
-                let watcher = tls.watch();
+                background.push(tls.watch());
                 let (incoming, acceptor) = tls_incoming(self.listener, tls);
-                (
-                    Box::pin(router.serve_with_incoming_shutdown(incoming, graceful)),
-                    vec![watcher, acceptor],
-                )
+                background.push(acceptor);
+                Box::pin(router.serve_with_incoming_shutdown(incoming, graceful))
             }
             None => {
                 tracing::info!(addr = %self.local_addr, "serving plaintext gRPC");
                 let incoming = TcpListenerStream::new(self.listener);
-                (
-                    Box::pin(router.serve_with_incoming_shutdown(incoming, graceful)),
-                    Vec::new(),
-                )
+                Box::pin(router.serve_with_incoming_shutdown(incoming, graceful))
             }
         };
 
