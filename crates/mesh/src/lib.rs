@@ -15,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod deadline;
 pub mod identity;
+pub mod jwt;
 pub mod pagination;
 pub mod pki;
 pub mod server;

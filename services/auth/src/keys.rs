@@ -14,13 +14,7 @@ use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use jsonwebtoken::EncodingKey;
 use meshwork::auth::v1::Jwk;
 
-/// JWK key type and curve of an Ed25519 key (RFC 8037).
-pub const KEY_TYPE: &str = "OKP";
-pub const CURVE: &str = "Ed25519";
-/// JWS algorithm name of Ed25519 signatures.
-pub const ALGORITHM: &str = "EdDSA";
-/// JWK `use` of a signature key.
-pub const USE_SIGNATURE: &str = "sig";
+pub use mesh::jwt::{ALGORITHM, CURVE, KEY_TYPE, USE_SIGNATURE};
 
 /// Why a key could not be made or read back.
 #[derive(Debug, thiserror::Error)]
