@@ -265,10 +265,8 @@ where
     })
 }
 
-fn until(stopped: oneshot::Receiver<()>) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        let _ = stopped.await;
-    }
+async fn until(stopped: oneshot::Receiver<()>) {
+    let _ = stopped.await;
 }
 
 pub async fn start_users(addr: SocketAddr, database: DatabaseConfig) -> anyhow::Result<Running> {
