@@ -8,6 +8,10 @@
 //!   configured [`TokenVerifier`]); handlers then restrict the call to that user's own data
 //!   with [`Caller::require_owner`].
 //!
+//! A token always narrows: when a method admits users and the call carries a token, the call is
+//! made as that user even if the peer itself would be admitted (so `meshctl --token` acts as the
+//! user, not as the operator whose certificate it presents).
+//!
 //! Anything else is PERMISSION_DENIED (UNAUTHENTICATED for a bad token), logged with the
 //! caller's identity and the method. Health and reflection are open to every mesh identity.
 //! The decided [`Caller`] is put into the request's extensions for the handlers.
@@ -165,14 +169,14 @@ pub struct Authz<S> {
     verifier: Option<Arc<dyn TokenVerifier>>,
 }
 
-/// What the policy says about one request, before any token is looked at.
+/// What the policy says about one request, before the token (if any) is verified.
 enum Decision {
     Service(SpiffeId),
     NeedsUserToken(SpiffeId),
     Denied(Option<SpiffeId>),
 }
 
-fn decide(policy: &Policy, path: &str, peer: Option<SpiffeId>) -> Decision {
+fn decide(policy: &Policy, path: &str, peer: Option<SpiffeId>, has_token: bool) -> Decision {
     let Some(peer) = peer else {
         return Decision::Denied(None);
     };
@@ -183,15 +187,15 @@ fn decide(policy: &Policy, path: &str, peer: Option<SpiffeId>) -> Decision {
     let Some(callers) = policy.callers(path) else {
         return Decision::Denied(Some(peer));
     };
-    if callers
+    let admits_peer = callers
         .iter()
-        .any(|c| c == ANY_SERVICE || c == peer.service())
-    {
-        Decision::Service(peer)
-    } else if callers.iter().any(|c| c == END_USER) {
-        Decision::NeedsUserToken(peer)
-    } else {
-        Decision::Denied(Some(peer))
+        .any(|c| c == ANY_SERVICE || c == peer.service());
+    let admits_users = callers.iter().any(|c| c == END_USER);
+    match (admits_users && has_token, admits_peer, admits_users) {
+        (true, _, _) => Decision::NeedsUserToken(peer),
+        (false, true, _) => Decision::Service(peer),
+        (false, false, true) => Decision::NeedsUserToken(peer),
+        (false, false, false) => Decision::Denied(Some(peer)),
     }
 }
 
@@ -231,7 +235,8 @@ where
         // The ready service goes into the future; a fresh clone stays for the next call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        match decide(&self.policy, &path, peer) {
+        let token = bearer_token(&request);
+        match decide(&self.policy, &path, peer, token.is_some()) {
             Decision::Service(peer) => {
                 request.extensions_mut().insert(Caller::Service(peer));
                 Box::pin(inner.call(request))
@@ -243,7 +248,6 @@ where
                 Box::pin(async move { Ok(status.into_http()) })
             }
             Decision::NeedsUserToken(peer) => {
-                let token = bearer_token(&request);
                 let verifier = self.verifier.clone();
                 Box::pin(async move {
                     let verified = match (token, verifier) {
@@ -277,6 +281,9 @@ where
 mod tests {
     use super::*;
 
+    const GET_USER: &str = "/meshwork.users.v1.UserService/GetUser";
+    const DELETE_USER: &str = "/meshwork.users.v1.UserService/DeleteUser";
+
     fn id(service: &str) -> Option<SpiffeId> {
         SpiffeId::new("meshwork.local", "default", service).ok()
     }
@@ -293,70 +300,86 @@ mod tests {
 
     #[test]
     fn a_listed_service_is_admitted() {
-        let d = decide(
-            &policy(),
-            "/meshwork.users.v1.UserService/GetUser",
-            id("orders"),
-        );
+        let d = decide(&policy(), GET_USER, id("orders"), false);
         assert!(matches!(d, Decision::Service(_)));
     }
 
     #[test]
+    fn a_token_narrows_an_admitted_peer_to_its_user() {
+        let d = decide(&policy(), GET_USER, id("orders"), true);
+        assert!(matches!(d, Decision::NeedsUserToken(_)));
+    }
+
+    #[test]
     fn a_wildcard_rule_covers_unlisted_methods() {
-        let d = decide(
-            &policy(),
-            "/meshwork.users.v1.UserService/DeleteUser",
-            id("auth"),
-        );
+        let d = decide(&policy(), DELETE_USER, id("auth"), false);
         assert!(matches!(d, Decision::Service(_)));
-        let d = decide(
-            &policy(),
-            "/meshwork.users.v1.UserService/DeleteUser",
-            id("orders"),
-        );
+        let d = decide(&policy(), DELETE_USER, id("orders"), true);
         assert!(matches!(d, Decision::Denied(_)));
     }
 
     #[test]
     fn an_exact_rule_wins_over_the_wildcard() {
-        let d = decide(
-            &policy(),
-            "/meshwork.users.v1.UserService/GetUser",
-            id("auth"),
-        );
+        // GetUser's own rule does not list `auth`, although the service-wide rule does.
+        let d = decide(&policy(), GET_USER, id("auth"), false);
         assert!(matches!(d, Decision::NeedsUserToken(_)));
     }
 
     #[test]
     fn unknown_methods_and_anonymous_peers_are_denied() {
-        let d = decide(
-            &policy(),
-            "/meshwork.billing.v1.BillingService/Charge",
-            id("orders"),
-        );
-        assert!(matches!(d, Decision::Denied(_)));
-        let d = decide(&policy(), "/meshwork.users.v1.UserService/GetUser", None);
-        assert!(matches!(d, Decision::Denied(None)));
+        let charge = "/meshwork.billing.v1.BillingService/Charge";
+        assert!(matches!(
+            decide(&policy(), charge, id("orders"), false),
+            Decision::Denied(_)
+        ));
+        assert!(matches!(
+            decide(&policy(), GET_USER, None, true),
+            Decision::Denied(None)
+        ));
     }
 
     #[test]
     fn health_and_reflection_are_open_to_the_mesh() {
-        let d = decide(&policy(), "/grpc.health.v1.Health/Check", id("anyone"));
+        let d = decide(
+            &policy(),
+            "/grpc.health.v1.Health/Check",
+            id("anyone"),
+            false,
+        );
         assert!(matches!(d, Decision::Service(_)));
     }
 
     #[test]
     fn users_reach_only_their_own_data() {
+        let Some(via) = id("operator") else {
+            panic!("a valid identity did not parse");
+        };
         let caller = Caller::User {
             user_id: "u1".into(),
-            via: SpiffeId::new("meshwork.local", "default", "operator")
-                .unwrap_or_else(|_| unreachable!()),
+            via,
         };
         assert!(caller.require_owner("u1").is_ok());
         assert_eq!(
             caller.require_owner("u2").err().map(|s| s.code()),
             Some(tonic::Code::PermissionDenied)
         );
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_case_insensitively() {
+        let request = Request::builder()
+            .header("authorization", "bearer abc")
+            .body(())
+            .ok();
+        assert_eq!(
+            request.as_ref().and_then(bearer_token),
+            Some("abc".to_owned())
+        );
+        let request = Request::builder()
+            .header("authorization", "Basic abc")
+            .body(())
+            .ok();
+        assert_eq!(request.as_ref().and_then(bearer_token), None);
     }
 
     #[test]
