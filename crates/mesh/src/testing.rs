@@ -45,6 +45,10 @@ pub enum TestPkiError {
 impl TestPki {
     /// A new CA in `dir`, with certificates for [`NAMES`].
     pub fn new(dir: &Path) -> Result<Self, TestPkiError> {
+        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let ca = CertificateAuthority::generate(DEFAULT_TRUST_DOMAIN)?;
         pki::write(&dir.join("ca.crt"), ca.cert_pem(), false)?;
         let pki = Self {
