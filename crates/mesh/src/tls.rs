@@ -1,7 +1,9 @@
 //! Mutual TLS for every mesh connection, with rustls only. A [`MeshTls`] holds this process's
 //! certificate, key and the mesh CA bundle as rustls server and client configurations: servers
 //! accept only TLS 1.3 clients presenting a certificate from the mesh CA; clients present their
-//! own and verify the server's against the CA and the expected service identity.
+//! own and verify the server's chain against the CA and its SPIFFE identity (the transport then
+//! checks it is the service meant), not a DNS name: in a cluster a replica is reached by its pod
+//! IP, which no certificate names.
 //!
 //! The files are re-read every `reload_interval` ([`MeshTls::watch`]); when they change (a
 //! Kubernetes Secret update, a cert-manager renewal) the new configuration is swapped in
@@ -16,10 +18,14 @@ use std::{
 
 use arc_swap::ArcSwap;
 use rustls::{
-    RootCertStore,
+    DigitallySignedStruct, RootCertStore, SignatureScheme,
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        verify_server_cert_signed_by_trust_anchor,
+    },
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::WebPkiClientVerifier,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+    server::{ParsedCertificate, WebPkiClientVerifier},
 };
 use serde::{Deserialize, Serialize};
 
@@ -285,9 +291,15 @@ fn build(config: &TlsConfig, source: Vec<u8>) -> Result<Material, TlsError> {
         .with_single_cert(certs.clone(), key.clone_key())?;
     server.alpn_protocols = vec![ALPN_H2.to_vec()];
 
+    let verifier = Arc::new(MeshServerVerifier {
+        roots,
+        provider: provider(),
+        trust_domain: config.trust_domain.clone(),
+    });
     let mut client = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(certs, key)?;
     client.alpn_protocols = vec![ALPN_H2.to_vec()];
 
@@ -297,6 +309,81 @@ fn build(config: &TlsConfig, source: Vec<u8>) -> Result<Material, TlsError> {
         identity,
         source,
     })
+}
+
+/// Verifies a server by its chain to the mesh CA and its SPIFFE identity in our trust domain,
+/// ignoring the DNS name: mesh peers are named by identity, and reached by (pod) address.
+#[derive(Debug)]
+struct MeshServerVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    trust_domain: String,
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        match SpiffeId::from_certificate(end_entity) {
+            Ok(identity) if identity.trust_domain() == self.trust_domain => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Ok(identity) => Err(rustls::Error::General(format!(
+                "server identity {identity} is outside trust domain {}",
+                self.trust_domain
+            ))),
+            Err(error) => Err(rustls::Error::General(format!(
+                "server certificate carries no mesh identity: {error}"
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 #[cfg(test)]

@@ -190,3 +190,24 @@ async fn presented_certificate(
         .and_then(|certs| certs.first().cloned())
         .ok_or_else(|| "no certificate presented".into())
 }
+
+#[tokio::test]
+async fn a_server_is_verified_by_its_identity_not_its_dns_names() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(dir.path())?;
+    // As cert-manager issues it in a cluster: DNS names of the Kubernetes Service only, while
+    // the client reaches a pod by its address.
+    let identity = mesh::identity::SpiffeId::new(mesh::tls::DEFAULT_TRUST_DOMAIN, "shop", "users")?;
+    let leaf = pki.ca().issue(
+        &identity,
+        &["meshwork-users.shop.svc"],
+        Validity::starting_now(Duration::from_secs(3600)),
+    )?;
+    mesh::pki::write(&dir.path().join("users.crt"), &leaf.cert_pem, false)?;
+    mesh::pki::write(&dir.path().join("users.key"), &leaf.key_pem, true)?;
+    let server = serve(pki.tls("users")?).await?;
+    let channel = endpoint(server.addr)?
+        .connect_with_connector_lazy(MeshConnector::new(pki.tls("orders")?, "users"));
+    assert!(answers(channel).await);
+    Ok(())
+}
