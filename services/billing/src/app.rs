@@ -1,11 +1,21 @@
-//! The billing server as one value: built from its [`Config`] (database opened and migrated,
-//! port bound), then run until a shutdown signal. The binary, `meshctl up` and the tests all
-//! start billing through this.
+//! The billing server as one value: built from its [`Config`] (mesh certificate loaded, database
+//! opened and migrated, port bound with mutual TLS and per-method authorization, end users'
+//! tokens verified against auth's key set), then run until a shutdown signal. The binary,
+//! `meshctl up` and the tests all start billing through this.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
-use mesh::server::{MeshServer, ServerError, database_ready};
-use meshwork::billing::v1::billing_service_server::BillingServiceServer;
+use mesh::{
+    authz::{AuthzLayer, TokenVerifier},
+    client::ClientError,
+    jwt::JwksVerifier,
+    server::{MeshServer, ServerError, database_ready},
+    tls::{MeshTls, TlsError},
+};
+use meshwork::{
+    auth::v1::auth_service_client::AuthServiceClient,
+    billing::v1::billing_service_server::BillingServiceServer,
+};
 use tonic::{server::NamedService, service::Routes};
 
 use crate::{config::Config, grpc::BillingGrpc, store::Store};
@@ -17,6 +27,10 @@ pub enum AppError {
     Store(#[from] mesh::store::StoreError),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error("mesh TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("auth client: {0}")]
+    Client(#[from] ClientError),
 }
 
 /// A built billing server, bound but not yet serving.
@@ -27,10 +41,20 @@ pub struct App {
 }
 
 impl App {
-    /// Opens and migrates the database and binds the gRPC port.
+    /// Loads the mesh certificate, opens and migrates the database, prepares the client to auth
+    /// (connected lazily, on the first token to verify) and binds the gRPC port (and the admin
+    /// port, when configured).
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        let tls = MeshTls::load(&config.tls)?;
         let store = Store::open(&config.database).await?;
-        let server = MeshServer::bind(&config.server).await?;
+        let auth = AuthServiceClient::new(mesh::client::connect(&config.auth, &tls, "auth")?);
+        let verifier: Arc<dyn TokenVerifier> = JwksVerifier::new(&config.tokens, auth);
+        let server = MeshServer::bind(&config.server)
+            .await?
+            .with_admin(&config.admin)
+            .await?
+            .with_tls(tls)
+            .with_authz(AuthzLayer::new(config.authz.clone(), Some(verifier)));
         Ok(Self {
             config,
             server,
@@ -41,6 +65,11 @@ impl App {
     /// The bound address (the actual port when the configuration asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.server.local_addr()
+    }
+
+    /// The plaintext admin port's address (health only), when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.server.admin_addr()
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight calls.

@@ -1,9 +1,12 @@
-//! Billing over gRPC, as a client sees it: the real `App` started in-process on port 0, called
-//! through the generated client. These tests check the outcome a caller sees (status codes,
-//! balances, the ledger), not internals.
+//! Billing over gRPC, as a client sees it: the real `App` started in-process on port 0 with a
+//! throw-away PKI, called through the generated client over the mesh's mutual-TLS channel (as
+//! the operator unless a test says otherwise). These tests check the outcome a caller sees
+//! (status codes, balances, the ledger), not internals.
+
+use std::net::SocketAddr;
 
 use billing::{App, Config};
-use mesh::{config::ServerConfig, status::field_violations};
+use mesh::{client::MeshChannel, config::ServerConfig, status::field_violations, testing::TestPki};
 use meshwork::{
     billing::v1::{
         ChargeRequest, ChargeResponse, GetAccountRequest, GetPaymentRequest, ListPaymentsRequest,
@@ -13,12 +16,17 @@ use meshwork::{
     common::v1::Money,
 };
 use tokio::sync::oneshot;
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 
-/// A billing server running in this process on its own database; stops when dropped.
+/// A billing server running in this process on its own database, and a client to it as the
+/// operator; stops when dropped.
 struct TestBilling {
-    client: BillingServiceClient<Channel>,
+    client: BillingServiceClient<MeshChannel>,
+    addr: SocketAddr,
+    pki: TestPki,
     _stop: oneshot::Sender<()>,
+    /// The certificates.
+    _certs: tempfile::TempDir,
     /// The SQLite file's directory, when this server made its own.
     _dir: Option<tempfile::TempDir>,
 }
@@ -36,12 +44,16 @@ impl TestBilling {
         database: mesh::config::DatabaseConfig,
         dir: Option<tempfile::TempDir>,
     ) -> anyhow::Result<Self> {
+        let certs = tempfile::tempdir()?;
+        let pki = TestPki::new(certs.path())?;
         let config = Config {
             server: ServerConfig {
                 listen_addr: "127.0.0.1:0".parse()?,
                 ..ServerConfig::default()
             },
             database,
+            tls: pki.config("billing"),
+            ..Config::default()
         };
         let app = App::build(config).await?;
         let addr = app.local_addr();
@@ -50,12 +62,22 @@ impl TestBilling {
             let _ = stopped.await;
         }));
         // The port is bound before `build` returns, so the connection is accepted at once.
-        let client = BillingServiceClient::connect(format!("http://{addr}")).await?;
+        let client = BillingServiceClient::new(pki.channel(addr, "billing")?);
         Ok(Self {
             client,
+            addr,
+            pki,
             _stop: stop,
+            _certs: certs,
             _dir: dir,
         })
+    }
+
+    /// A client presenting the mesh identity of `service` instead of the operator's.
+    fn client_as(&self, service: &str) -> anyhow::Result<BillingServiceClient<MeshChannel>> {
+        Ok(BillingServiceClient::new(
+            self.pki.channel_as(service, self.addr, "billing")?,
+        ))
     }
 
     async fn top_up(&mut self, user_id: &str, amount_minor: i64, key: &str) -> Result<i64, Status> {
@@ -421,5 +443,66 @@ async fn concurrent_charges_never_overdraw_the_account() -> anyhow::Result<()> {
         assert_eq!(succeeded, BALANCE_MINOR / CHARGE_MINOR);
         assert_eq!(billing.balance("u1").await?, BALANCE_MINOR % CHARGE_MINOR);
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn orders_may_charge_and_refund() -> anyhow::Result<()> {
+    let mut billing = TestBilling::start().await?;
+    billing.top_up("u1", 1000, "t1").await?;
+    let mut orders = billing.client_as("orders")?;
+    let charged = orders
+        .charge(charge_request("u1", 300, "c1"))
+        .await?
+        .into_inner();
+    assert_eq!(balance_of(charged.account.as_ref()), 700);
+    orders
+        .refund(RefundRequest {
+            payment_id: payment_id(&charged),
+            amount: None,
+            idempotency_key: "r1".to_owned(),
+        })
+        .await?;
+    assert_eq!(billing.balance("u1").await?, 1000);
+    Ok(())
+}
+
+/// TopUp admits the operator and end users; `orders` is neither, and without an access token it
+/// cannot act for a user.
+#[tokio::test]
+async fn orders_may_not_top_up_without_a_user_token() -> anyhow::Result<()> {
+    let mut billing = TestBilling::start().await?;
+    let status = failure(
+        billing
+            .client_as("orders")?
+            .top_up(TopUpRequest {
+                user_id: "u1".to_owned(),
+                amount: Some(eur(1000)),
+                idempotency_key: "t1".to_owned(),
+            })
+            .await,
+    )?;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let status = failure(billing.balance("u1").await)?;
+    assert_eq!(
+        status.code(),
+        Code::NotFound,
+        "a refused top-up opened the account"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_service_outside_the_policy_may_not_charge() -> anyhow::Result<()> {
+    let mut billing = TestBilling::start().await?;
+    billing.top_up("u1", 1000, "t1").await?;
+    let status = failure(
+        billing
+            .client_as("users")?
+            .charge(charge_request("u1", 300, "c1"))
+            .await,
+    )?;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(billing.balance("u1").await?, 1000);
     Ok(())
 }

@@ -1,11 +1,20 @@
-//! The users service assembled: its database opened and migrated, its port bound, its handlers
-//! served through the mesh's one server builder. The binary, `meshctl up` and the tests all
-//! start the service through [`App`].
+//! The users service assembled: its database opened and migrated, its mesh certificate loaded,
+//! its port bound (mutual TLS, per-method authorization, end users' tokens verified against
+//! auth's key set), its handlers served through the mesh's one server builder. The binary,
+//! `meshctl up` and the tests all start the service through [`App`].
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
-use mesh::server::{MeshServer, database_ready};
-use meshwork::users::v1::user_service_server::UserServiceServer;
+use mesh::{
+    authz::{AuthzLayer, TokenVerifier},
+    jwt::JwksVerifier,
+    server::{MeshServer, database_ready},
+    tls::MeshTls,
+};
+use meshwork::{
+    auth::v1::auth_service_client::AuthServiceClient,
+    users::v1::user_service_server::UserServiceServer,
+};
 use sqlx::AnyPool;
 use tonic::{server::NamedService, service::Routes};
 
@@ -16,7 +25,7 @@ use crate::{
     store::{MIGRATOR, UserStore},
 };
 
-/// A users service that is ready to serve: database open, port bound.
+/// A users service that is ready to serve: database open, certificate loaded, port bound.
 pub struct App {
     config: Config,
     pool: AnyPool,
@@ -24,10 +33,20 @@ pub struct App {
 }
 
 impl App {
-    /// Opens (creating and migrating when needed) the database and binds the gRPC port.
+    /// Loads the mesh certificate, opens (creating and migrating when needed) the database,
+    /// prepares the client to auth (connected lazily, on the first token to verify) and binds
+    /// the gRPC port (and the admin port, when configured).
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        let tls = MeshTls::load(&config.tls)?;
         let pool = mesh::store::open(&config.database, &MIGRATOR).await?;
-        let server = MeshServer::bind(&config.server).await?;
+        let auth = AuthServiceClient::new(mesh::client::connect(&config.auth, &tls, "auth")?);
+        let verifier: Arc<dyn TokenVerifier> = JwksVerifier::new(&config.tokens, auth);
+        let server = MeshServer::bind(&config.server)
+            .await?
+            .with_admin(&config.admin)
+            .await?
+            .with_tls(tls)
+            .with_authz(AuthzLayer::new(config.authz.clone(), Some(verifier)));
         Ok(Self {
             config,
             pool,
@@ -38,6 +57,11 @@ impl App {
     /// The bound address (the actual port when the configuration asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.server.local_addr()
+    }
+
+    /// The plaintext admin port's address (health only), when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.server.admin_addr()
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight calls and closes the database.

@@ -36,6 +36,10 @@ pub enum AppError {
     Store(#[from] mesh::store::StoreError),
     #[error(transparent)]
     Server(#[from] mesh::server::ServerError),
+    #[error("mesh TLS: {0}")]
+    Tls(#[from] mesh::tls::TlsError),
+    #[error("auth client: {0}")]
+    Client(#[from] mesh::client::ClientError),
 }
 
 #[cfg(test)]

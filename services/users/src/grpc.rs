@@ -1,8 +1,10 @@
 //! The `meshwork.users.v1.UserService` handlers, kept thin: decode a request into domain values
-//! (collecting every field violation into one INVALID_ARGUMENT), call the store, encode the
-//! answer. No SQL and no status-code decisions beyond invalid input live here.
+//! (collecting every field violation into one INVALID_ARGUMENT), check that an end user touches
+//! only their own profile, call the store, encode the answer. No SQL and no status-code
+//! decisions beyond invalid input live here; who may call which method at all is the mesh's
+//! authorization layer's business (see `config::default_policy`).
 
-use mesh::{pagination::Page, status::FieldViolations, timestamp};
+use mesh::{authz::require_owner, pagination::Page, status::FieldViolations, timestamp};
 use meshwork::users::v1::{
     self as pb, CreateUserRequest, CreateUserResponse, DeleteUserRequest, DeleteUserResponse,
     GetUserRequest, GetUserResponse, ListUsersRequest, ListUsersResponse, UpdateUserRequest,
@@ -46,6 +48,7 @@ impl UserService for UserGrpc {
         request: Request<GetUserRequest>,
     ) -> Result<Response<GetUserResponse>, Status> {
         let id = decode_id("id", &request.get_ref().id)?;
+        require_owner(&request, id.as_str())?;
         let user = self.store.get(&id).await?;
         Ok(Response::new(GetUserResponse {
             user: Some(encode(user)),
@@ -72,6 +75,7 @@ impl UserService for UserGrpc {
         request: Request<UpdateUserRequest>,
     ) -> Result<Response<UpdateUserResponse>, Status> {
         let (id, changes) = decode_update(request.get_ref())?;
+        require_owner(&request, id.as_str())?;
         let user = self
             .store
             .update(&id, &changes, timestamp::now_millis())
@@ -86,6 +90,7 @@ impl UserService for UserGrpc {
         request: Request<DeleteUserRequest>,
     ) -> Result<Response<DeleteUserResponse>, Status> {
         let id = decode_id("id", &request.get_ref().id)?;
+        require_owner(&request, id.as_str())?;
         self.store.delete(&id).await?;
         Ok(Response::new(DeleteUserResponse {}))
     }
@@ -180,5 +185,85 @@ fn encode(user: User) -> pb::User {
         display_name: user.display_name,
         create_time: Some(timestamp::from_millis(user.create_time)),
         update_time: Some(timestamp::from_millis(user.update_time)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh::{authz::Caller, identity::SpiffeId};
+    use tonic::Code;
+
+    use super::*;
+    use crate::store::MIGRATOR;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// The handlers over a fresh SQLite file in `dir`.
+    async fn handlers(dir: &tempfile::TempDir) -> Result<UserGrpc, Box<dyn std::error::Error>> {
+        let database = mesh::store::testing::sqlite(dir.path(), "users");
+        let pool = mesh::store::open(&database, &MIGRATOR).await?;
+        Ok(UserGrpc::new(UserStore::new(pool)))
+    }
+
+    /// `message` as the authorization layer passes it on for end user `user_id`.
+    fn as_user<T>(user_id: &str, message: T) -> Result<Request<T>, Box<dyn std::error::Error>> {
+        let mut request = Request::new(message);
+        request.extensions_mut().insert(Caller::User {
+            user_id: user_id.to_owned(),
+            via: SpiffeId::new("meshwork.local", "default", "operator")?,
+        });
+        Ok(request)
+    }
+
+    async fn create(users: &UserGrpc, email: &str) -> Result<pb::User, Box<dyn std::error::Error>> {
+        let request = Request::new(CreateUserRequest {
+            email: email.to_owned(),
+            display_name: "Someone".to_owned(),
+        });
+        let user = users.create_user(request).await?.into_inner().user;
+        user.ok_or_else(|| "CreateUser answered without a user".into())
+    }
+
+    fn code<T>(result: Result<T, Status>) -> Option<Code> {
+        result.err().map(|status| status.code())
+    }
+
+    #[tokio::test]
+    async fn an_end_user_reads_changes_and_deletes_only_their_own_profile() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let users = handlers(&dir).await?;
+        let ada = create(&users, "ada@example.com").await?;
+        let bob = create(&users, "bob@example.com").await?;
+
+        let own = users
+            .get_user(as_user(&ada.id, GetUserRequest { id: ada.id.clone() })?)
+            .await?;
+        assert_eq!(own.into_inner().user.as_ref(), Some(&ada));
+        let other = users
+            .get_user(as_user(&ada.id, GetUserRequest { id: bob.id.clone() })?)
+            .await;
+        assert_eq!(code(other), Some(Code::PermissionDenied));
+
+        let renamed = pb::User {
+            display_name: "Not Bob".to_owned(),
+            ..bob.clone()
+        };
+        let update = UpdateUserRequest {
+            user: Some(renamed),
+            update_mask: Some(FieldMask {
+                paths: vec!["display_name".to_owned()],
+            }),
+        };
+        let update = users.update_user(as_user(&ada.id, update)?).await;
+        assert_eq!(code(update), Some(Code::PermissionDenied));
+        let delete = DeleteUserRequest { id: bob.id.clone() };
+        let delete = users.delete_user(as_user(&ada.id, delete)?).await;
+        assert_eq!(code(delete), Some(Code::PermissionDenied));
+
+        let untouched = users
+            .get_user(Request::new(GetUserRequest { id: bob.id.clone() }))
+            .await?;
+        assert_eq!(untouched.into_inner().user, Some(bob));
+        Ok(())
     }
 }

@@ -1,16 +1,13 @@
 //! The users service as a caller sees it: the real [`users::App`] started in-process on an
-//! ephemeral port with its own SQLite file, called through a generated client over the mesh's
-//! client channel. Each test asserts what the caller gets back: a status code, the fields a
-//! violation names, the users returned.
+//! ephemeral port with its own SQLite file and a throw-away PKI, called through a generated
+//! client over the mesh's mutual-TLS channel (as the operator unless a test says otherwise).
+//! Each test asserts what the caller gets back: a status code, the fields a violation names, the
+//! users returned.
 
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail, ensure};
-use mesh::{
-    client::MeshChannel,
-    config::{ClientConfig, ServerConfig},
-    status::field_violations,
-};
+use mesh::{client::MeshChannel, config::ServerConfig, status::field_violations, testing::TestPki};
 use meshwork::users::v1::{
     CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, UpdateUserRequest,
     User, user_service_client::UserServiceClient,
@@ -28,11 +25,15 @@ const SERVICE_NAME: &str = "meshwork.users.v1.UserService";
 /// How long a freshly started service may take to report SERVING.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running users service and clients connected to it; dropping it stops the service.
+/// A running users service and clients connected to it as the operator; dropping it stops
+/// the service.
 struct TestUsers {
     client: UserServiceClient<MeshChannel>,
     health: HealthClient<MeshChannel>,
+    addr: SocketAddr,
+    pki: TestPki,
     _stop: oneshot::Sender<()>,
+    /// The SQLite file and the certificates.
     _data: tempfile::TempDir,
 }
 
@@ -40,12 +41,15 @@ impl TestUsers {
     /// Starts the service on port 0 with a fresh database and waits until it reports SERVING.
     async fn start() -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
+        let pki = TestPki::new(data.path())?;
         let config = Config {
             server: ServerConfig {
                 listen_addr: "127.0.0.1:0".parse()?,
                 ..ServerConfig::default()
             },
             database: mesh::store::testing::sqlite(data.path(), "users"),
+            tls: pki.config("users"),
+            ..Config::default()
         };
         let app = App::build(config).await?;
         let addr = app.local_addr();
@@ -54,15 +58,24 @@ impl TestUsers {
             // Resolves when the sender is dropped, that is when the test ends.
             let _ = stopped.await;
         }));
-        let channel = mesh::client::channel(&ClientConfig::to(format!("http://{addr}")))?;
+        let channel = pki.channel(addr, "users")?;
         let mut health = HealthClient::new(channel.clone());
         wait_until_serving(&mut health).await?;
         Ok(Self {
             client: UserServiceClient::new(channel),
             health,
+            addr,
+            pki,
             _stop: stop,
             _data: data,
         })
+    }
+
+    /// A client presenting the mesh identity of `service` instead of the operator's.
+    fn client_as(&self, service: &str) -> anyhow::Result<UserServiceClient<MeshChannel>> {
+        Ok(UserServiceClient::new(
+            self.pki.channel_as(service, self.addr, "users")?,
+        ))
     }
 
     async fn create(&mut self, email: &str, display_name: &str) -> Result<User, Status> {
@@ -443,5 +456,114 @@ async fn deleted_email_can_be_used_again() -> anyhow::Result<()> {
         .delete_user(DeleteUserRequest { id: ada.id })
         .await?;
     users.create("ada@example.com", "Ada again").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn auth_creates_users_and_orders_reads_them() -> anyhow::Result<()> {
+    let users = TestUsers::start().await?;
+    let created = users
+        .client_as("auth")?
+        .create_user(CreateUserRequest {
+            email: "ada@example.com".into(),
+            display_name: "Ada".into(),
+        })
+        .await?
+        .into_inner()
+        .user
+        .context("CreateUser answered without a user")?;
+    let read = users
+        .client_as("orders")?
+        .get_user(GetUserRequest {
+            id: created.id.clone(),
+        })
+        .await?
+        .into_inner()
+        .user;
+    assert_eq!(read, Some(created));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_operator_may_list_users() -> anyhow::Result<()> {
+    let mut users = TestUsers::start().await?;
+    users.create("ada@example.com", "Ada").await?;
+    let page = users
+        .client
+        .list_users(ListUsersRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(page.users.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_service_outside_the_policy_is_permission_denied() -> anyhow::Result<()> {
+    let mut users = TestUsers::start().await?;
+    let create = users
+        .client_as("billing")?
+        .create_user(CreateUserRequest {
+            email: "ada@example.com".into(),
+            display_name: "Ada".into(),
+        })
+        .await;
+    assert_eq!(code(create)?, Code::PermissionDenied);
+    let list = users
+        .client_as("orders")?
+        .list_users(ListUsersRequest::default())
+        .await;
+    assert_eq!(code(list)?, Code::PermissionDenied);
+    let listed = users
+        .client
+        .list_users(ListUsersRequest::default())
+        .await?
+        .into_inner();
+    ensure!(
+        listed.users.is_empty(),
+        "a denied CreateUser created a user"
+    );
+    Ok(())
+}
+
+/// UpdateUser admits the operator and end users; `orders` is neither, and without an access
+/// token it cannot act for a user.
+#[tokio::test]
+async fn update_as_orders_without_a_token_is_refused() -> anyhow::Result<()> {
+    let mut users = TestUsers::start().await?;
+    let ada = users.create("ada@example.com", "Ada").await?;
+    let renamed = User {
+        display_name: "Not Ada".into(),
+        ..ada.clone()
+    };
+    let update = users
+        .client_as("orders")?
+        .update_user(UpdateUserRequest {
+            user: Some(renamed),
+            update_mask: Some(mask(&["display_name"])),
+        })
+        .await;
+    assert_eq!(code(update)?, Code::Unauthenticated);
+    assert_eq!(
+        users.get(&ada.id).await?,
+        ada,
+        "a refused update changed the user"
+    );
+    Ok(())
+}
+
+/// GetUser admits end users, so a service that is not listed for it (`billing`) is asked for
+/// the token of the user it acts for.
+#[tokio::test]
+async fn a_call_needing_a_user_token_without_one_is_unauthenticated() -> anyhow::Result<()> {
+    let mut users = TestUsers::start().await?;
+    let ada = users.create("ada@example.com", "Ada").await?;
+    let status = users
+        .client_as("billing")?
+        .get_user(GetUserRequest { id: ada.id })
+        .await
+        .err()
+        .context("billing read a user without a token")?;
+    assert_eq!(status.code(), Code::Unauthenticated);
+    ensure!(status.message().contains("Bearer"), "{status:?}");
     Ok(())
 }
