@@ -1,8 +1,8 @@
 //! Auth's use cases, between the gRPC edge and the store: registering (a small saga across
-//! users and auth's own database), logging in, rotating and revoking refresh tokens, and
-//! publishing the key set. Inputs arrive already parsed into domain types.
+//! users and auth's own database), logging in (throttled), rotating and revoking refresh
+//! tokens, and publishing the key set. Inputs arrive already parsed into domain types.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use mesh::{client::MeshChannel, timestamp::now_millis};
 use meshwork::{
@@ -14,11 +14,14 @@ use crate::{
     domain::{LoginEmail, Password, RefreshToken},
     error::DomainError,
     issuer::{AccessToken, Issuer},
+    keyring::KeyRing,
+    login_limits::LoginLimiter,
     password,
     store::{NewRefreshToken, Rotation, Store},
 };
 
 /// A signed-in session: the user, a fresh access token and the refresh token that renews it.
+/// Its `Debug` shows neither token.
 #[derive(Debug, Clone)]
 pub struct Session {
     pub user_id: String,
@@ -35,31 +38,52 @@ pub struct Accounts {
 struct Inner {
     store: Store,
     users: UserServiceClient<MeshChannel>,
+    keys: KeyRing,
     issuer: Issuer,
+    limiter: Arc<LoginLimiter>,
     refresh_ttl: Duration,
 }
 
 impl std::fmt::Debug for Accounts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Accounts")
+            .field("keys", &self.inner.keys)
             .field("issuer", &self.inner.issuer)
+            .field("limiter", &self.inner.limiter)
             .field("refresh_ttl", &self.inner.refresh_ttl)
             .finish_non_exhaustive()
     }
 }
 
+/// What [`Accounts`] works with.
+pub struct Parts {
+    pub store: Store,
+    pub users: UserServiceClient<MeshChannel>,
+    /// The signing keys (shared with the periodic key check).
+    pub keys: KeyRing,
+    pub issuer: Issuer,
+    /// The login limits (shared with the periodic clean-up).
+    pub limiter: Arc<LoginLimiter>,
+    pub refresh_ttl: Duration,
+}
+
 impl Accounts {
-    pub fn new(
-        store: Store,
-        users: UserServiceClient<MeshChannel>,
-        issuer: Issuer,
-        refresh_ttl: Duration,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
+        let Parts {
+            store,
+            users,
+            keys,
+            issuer,
+            limiter,
+            refresh_ttl,
+        } = parts;
         Self {
             inner: Arc::new(Inner {
                 store,
                 users,
+                keys,
                 issuer,
+                limiter,
                 refresh_ttl,
             }),
         }
@@ -145,12 +169,15 @@ impl Accounts {
     }
 
     /// A new session when the password matches the account of `email`. An unknown email costs
-    /// the same password verification as a known one and fails the same way.
+    /// the same password verification as a known one and fails the same way. Attempts beyond
+    /// the login limits (on the account, from `peer`) are refused before anything is verified.
     pub async fn login(
         &self,
         email: LoginEmail,
         password: Password,
+        peer: Option<IpAddr>,
     ) -> Result<Session, DomainError> {
+        self.inner.limiter.check(&email, peer)?;
         let credentials = self
             .inner
             .store
@@ -170,6 +197,8 @@ impl Accounts {
     /// Exchanges a current refresh token for a new session in the same family.
     pub async fn refresh(&self, presented: RefreshToken) -> Result<Session, DomainError> {
         let now = now_millis();
+        // The key first: if it cannot be had, the presented token must stay usable.
+        let key = self.inner.keys.signing_key(now).await?;
         let successor = RefreshToken::generate();
         let rotation = self
             .inner
@@ -183,7 +212,7 @@ impl Accounts {
             .await?;
         match rotation {
             Rotation::Rotated { user_id } => {
-                let access = self.inner.issuer.issue(&user_id, now)?;
+                let access = self.inner.issuer.issue(&key, &user_id, now)?;
                 Ok(Session {
                     user_id,
                     access,
@@ -208,12 +237,13 @@ impl Accounts {
 
     /// Every public key that may have signed a live access token.
     pub async fn jwks(&self) -> Result<Vec<Jwk>, DomainError> {
-        self.inner.store.public_keys().await
+        self.inner.keys.published(now_millis()).await
     }
 
     /// A new refresh token family for `user_id`, and an access token.
     async fn start_session(&self, user_id: String) -> Result<Session, DomainError> {
         let now = now_millis();
+        let key = self.inner.keys.signing_key(now).await?;
         let refresh = RefreshToken::generate();
         let family_id = uuid::Uuid::now_v7().to_string();
         let hash = refresh.hash();
@@ -224,7 +254,7 @@ impl Accounts {
             expires_ms: self.refresh_expiry(now),
         };
         self.inner.store.insert_refresh_token(&new, now).await?;
-        let access = self.inner.issuer.issue(&user_id, now)?;
+        let access = self.inner.issuer.issue(&key, &user_id, now)?;
         Ok(Session {
             user_id,
             access,
@@ -235,5 +265,27 @@ impl Accounts {
     fn refresh_expiry(&self, now_ms: i64) -> i64 {
         let ttl_ms = i64::try_from(self.inner.refresh_ttl.as_millis()).unwrap_or(i64::MAX);
         now_ms.saturating_add(ttl_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyRecord;
+
+    #[test]
+    fn a_session_prints_no_token() -> Result<(), Box<dyn std::error::Error>> {
+        let key = KeyRecord::generate(0, 0)?.signing_key()?;
+        let access = Issuer::new(&crate::config::TokenConfig::default()).issue(&key, "u1", 0)?;
+        let session = Session {
+            user_id: "u1".to_owned(),
+            access,
+            refresh: RefreshToken::generate(),
+        };
+        let printed = format!("{session:?}");
+        assert!(printed.contains("u1"), "{printed}");
+        assert!(!printed.contains(session.access.expose()), "{printed}");
+        assert!(!printed.contains(session.refresh.expose()), "{printed}");
+        Ok(())
     }
 }

@@ -4,11 +4,16 @@
 //!
 //! Email *validity* is the users service's business (it owns profiles and their rules); auth
 //! only normalises an email to look credentials up by it.
+//!
+//! Secrets (passwords, refresh tokens) are held in [`SecretString`]s: their `Debug` prints
+//! nothing of them, and their memory is wiped when dropped. Reading one takes an explicit
+//! `expose`.
 
 use std::fmt;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 /// Shortest password accepted at registration: below this, guessing is too cheap.
@@ -20,7 +25,7 @@ const REFRESH_TOKEN_BYTES: usize = 32;
 
 /// A password of acceptable length. Its `Debug` never shows it.
 #[derive(Clone)]
-pub struct Password(String);
+pub struct Password(SecretString);
 
 impl Password {
     /// A password for a new account: 8 to 1024 characters.
@@ -32,7 +37,7 @@ impl Password {
         if chars > MAX_PASSWORD_CHARS {
             return Err(format!("must be at most {MAX_PASSWORD_CHARS} characters"));
         }
-        Ok(Self(raw))
+        Ok(Self(raw.into()))
     }
 
     /// A password presented at login: only emptiness and the upper bound are refused, so that a
@@ -44,11 +49,11 @@ impl Password {
         if raw.chars().count() > MAX_PASSWORD_CHARS {
             return Err(format!("must be at most {MAX_PASSWORD_CHARS} characters"));
         }
-        Ok(Self(raw))
+        Ok(Self(raw.into()))
     }
 
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 }
 
@@ -78,15 +83,15 @@ impl LoginEmail {
 }
 
 /// An opaque refresh token as the client holds it. Its `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RefreshToken(String);
+#[derive(Clone)]
+pub struct RefreshToken(SecretString);
 
 impl RefreshToken {
     /// A new random token: 32 bytes from the operating system, base64url without padding.
     pub fn generate() -> Self {
         let mut bytes = [0u8; REFRESH_TOKEN_BYTES];
         rand::rngs::OsRng.fill_bytes(&mut bytes);
-        Self(URL_SAFE_NO_PAD.encode(bytes))
+        Self(URL_SAFE_NO_PAD.encode(bytes).into())
     }
 
     /// A token presented by a client; its content is checked by looking its hash up.
@@ -94,18 +99,19 @@ impl RefreshToken {
         if raw.trim().is_empty() {
             return Err("must not be empty".to_owned());
         }
-        Ok(Self(raw))
+        Ok(Self(raw.into()))
     }
 
     /// What the database keeps instead of the token itself.
     pub fn hash(&self) -> RefreshTokenHash {
-        let digest = Sha256::digest(self.0.as_bytes());
+        let digest = Sha256::digest(self.0.expose_secret().as_bytes());
         let hex = digest.iter().map(|byte| format!("{byte:02x}")).collect();
         RefreshTokenHash(hex)
     }
 
-    pub fn into_string(self) -> String {
-        self.0
+    /// The token itself, to hand to its holder.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
     }
 }
 
@@ -151,6 +157,15 @@ mod tests {
     }
 
     #[test]
+    fn refresh_tokens_do_not_print() -> Result<(), String> {
+        let generated = RefreshToken::generate();
+        assert!(!format!("{generated:?}").contains(generated.expose()));
+        let presented = RefreshToken::presented("a-presented-refresh-token".to_owned())?;
+        assert!(!format!("{presented:?}").contains("presented-refresh"));
+        Ok(())
+    }
+
+    #[test]
     fn login_email_is_trimmed_and_lower_cased() {
         assert_eq!(
             LoginEmail::parse("  Ada@Example.COM ").map(|e| e.as_str().to_owned()),
@@ -161,11 +176,11 @@ mod tests {
 
     #[test]
     fn refresh_tokens_are_random_base64url() {
-        let a = RefreshToken::generate().into_string();
-        let b = RefreshToken::generate().into_string();
+        let (a, b) = (RefreshToken::generate(), RefreshToken::generate());
+        let (a, b) = (a.expose(), b.expose());
         assert_ne!(a, b);
         assert_eq!(
-            URL_SAFE_NO_PAD.decode(&a).map(|v| v.len()),
+            URL_SAFE_NO_PAD.decode(a).map(|v| v.len()),
             Ok(REFRESH_TOKEN_BYTES)
         );
     }

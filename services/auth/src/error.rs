@@ -1,10 +1,17 @@
 //! What can go wrong in auth, and the one place that decides which gRPC status each becomes.
 
+use std::time::Duration;
+
 use mesh::status::FieldViolations;
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::keys::KeyError;
 
 /// One message for a wrong password and an unknown email, so a caller cannot tell them apart.
 pub const BAD_CREDENTIALS: &str = "email or password is incorrect";
+/// The start of the message of a throttled login (a retry delay follows).
+pub const TOO_MANY_ATTEMPTS: &str = "too many login attempts, retry later";
 
 /// Everything auth's handlers can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +28,9 @@ pub enum DomainError {
     /// An already rotated refresh token came back: its whole family is now revoked.
     #[error("refresh token was already used; its session has been revoked")]
     RefreshTokenReused,
+    /// Too many login attempts on the account or from the caller: retry after the delay.
+    #[error("{TOO_MANY_ATTEMPTS} (in {}s)", whole_seconds(*retry_after))]
+    TooManyAttempts { retry_after: Duration },
     /// The users service refused the request (INVALID_ARGUMENT, ALREADY_EXISTS): its status,
     /// details included, is the caller's answer as it stands.
     #[error("users refused: {}", .0.message())]
@@ -37,9 +47,18 @@ pub enum DomainError {
         context: &'static str,
         source: sqlx::Error,
     },
+    /// A stored signing key is unusable, or a new one could not be made.
+    #[error("signing key: {0}")]
+    Key(#[from] KeyError),
     /// A failure of auth itself (a hashing task, token signing, a corrupt stored value).
     #[error("{0}")]
     Internal(String),
+}
+
+/// A delay as the whole seconds a client should wait: rounded up, at least one.
+fn whole_seconds(delay: Duration) -> u64 {
+    let seconds = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    seconds.max(1)
 }
 
 impl DomainError {
@@ -64,6 +83,14 @@ impl From<DomainError> for Status {
             DomainError::BadCredentials
             | DomainError::InvalidRefreshToken
             | DomainError::RefreshTokenReused => Status::unauthenticated(error.to_string()),
+            DomainError::TooManyAttempts { retry_after } => {
+                let retry_after = Duration::from_secs(whole_seconds(retry_after));
+                Status::with_error_details(
+                    Code::ResourceExhausted,
+                    error.to_string(),
+                    ErrorDetails::with_retry_info(Some(retry_after)),
+                )
+            }
             DomainError::UsersRefused(status) => status,
             DomainError::UsersUnavailable(status) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), "users service unavailable");
@@ -74,6 +101,10 @@ impl From<DomainError> for Status {
                 Status::internal("the users service failed")
             }
             DomainError::Storage { context, source } => mesh::status::storage(context, &source),
+            DomainError::Key(error) => {
+                tracing::error!(%error, "signing key failure");
+                Status::internal("internal failure")
+            }
             DomainError::Internal(reason) => {
                 tracing::error!(%reason, "internal failure");
                 Status::internal("internal failure")
@@ -106,6 +137,26 @@ mod tests {
             let status = Status::from(DomainError::from_users(Status::new(code, "down")));
             assert_eq!(status.code(), Code::Unavailable);
         }
+    }
+
+    #[test]
+    fn throttled_logins_are_resource_exhausted_with_a_retry_delay() {
+        let error = DomainError::TooManyAttempts {
+            retry_after: Duration::from_millis(4_200),
+        };
+        let status = Status::from(error);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status.message().starts_with(TOO_MANY_ATTEMPTS),
+            "{}",
+            status.message()
+        );
+        assert!(status.message().contains("5s"), "{}", status.message());
+        let retry = status.get_details_retry_info();
+        assert_eq!(
+            retry.and_then(|r| r.retry_delay),
+            Some(Duration::from_secs(5))
+        );
     }
 
     #[test]

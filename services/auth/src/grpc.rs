@@ -1,7 +1,12 @@
 //! The AuthService gRPC edge: decode each request into domain values (collecting every field
 //! violation), hand it to [`Accounts`], and encode the answer. No decisions are made here.
+//!
+//! The generated request and response types carry passwords and tokens in plain `String`s and
+//! print them in their `Debug`: they are taken apart here at once and never logged.
 
-use mesh::status::FieldViolations;
+use std::net::IpAddr;
+
+use mesh::{identity::PeerInfo, status::FieldViolations};
 use meshwork::auth::v1::{
     GetJwksRequest, GetJwksResponse, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse,
     RefreshRequest, RefreshResponse, RegisterRequest, RegisterResponse, TokenPair,
@@ -55,12 +60,13 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<LoginRequest>,
     ) -> Result<Response<LoginResponse>, Status> {
+        let peer = peer_ip(&request);
         let LoginRequest { email, password } = request.into_inner();
         let mut violations = FieldViolations::new();
         let email = violations.check("email", LoginEmail::parse(&email));
         let password = violations.check("password", Password::presented(password));
         let (email, password) = valid(violations, email.zip(password))?;
-        let session = self.accounts.login(email, password).await?;
+        let session = self.accounts.login(email, password, peer).await?;
         let user_id = session.user_id.clone();
         Ok(Response::new(LoginResponse {
             user_id,
@@ -111,11 +117,21 @@ fn refresh_token(raw: String) -> Result<RefreshToken, DomainError> {
     valid(violations, token)
 }
 
+/// The caller's address: from the mesh's TLS transport, else from tonic's own (plaintext).
+fn peer_ip<T>(request: &Request<T>) -> Option<IpAddr> {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|peer| peer.remote_addr)
+        .or_else(|| request.remote_addr())
+        .map(|addr| addr.ip())
+}
+
 fn token_pair(session: Session) -> TokenPair {
     TokenPair {
-        access_token: session.access.token,
+        access_token: session.access.expose().to_owned(),
         expires_in_seconds: i64::try_from(session.access.expires_in.as_secs()).unwrap_or(i64::MAX),
-        refresh_token: session.refresh.into_string(),
+        refresh_token: session.refresh.expose().to_owned(),
         token_type: TOKEN_TYPE.to_owned(),
     }
 }

@@ -26,19 +26,21 @@ pub enum KeyError {
 }
 
 /// A signing key as stored: the private key as base64 PKCS#8 DER, the public key as the
-/// base64url (no padding) of its 32 bytes, which is also its JWK `x`.
+/// base64url (no padding) of its 32 bytes, which is also its JWK `x`. Keys are numbered by
+/// `generation`: the key of generation `n + 1` replaces the key of generation `n`.
 #[derive(Clone, sqlx::FromRow)]
 pub struct KeyRecord {
     pub kid: String,
     pub private_key_pkcs8: String,
     pub public_key: String,
+    pub generation: i64,
     pub create_ms: i64,
 }
 
 impl KeyRecord {
-    /// A fresh key from the operating system's randomness, named by a time-ordered id so that
-    /// the newest key sorts last.
-    pub fn generate(create_ms: i64) -> Result<Self, KeyError> {
+    /// A fresh key of `generation` from the operating system's randomness, named by a
+    /// time-ordered id.
+    pub fn generate(generation: i64, create_ms: i64) -> Result<Self, KeyError> {
         let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
         let der = key
             .to_pkcs8_der()
@@ -47,6 +49,7 @@ impl KeyRecord {
             kid: uuid::Uuid::now_v7().to_string(),
             private_key_pkcs8: STANDARD.encode(der.as_bytes()),
             public_key: URL_SAFE_NO_PAD.encode(key.verifying_key().to_bytes()),
+            generation,
             create_ms,
         })
     }
@@ -59,7 +62,8 @@ impl KeyRecord {
         };
         let der = STANDARD
             .decode(&self.private_key_pkcs8)
-            .map_err(|e| corrupt(format!("private key is not base64: {e}")))?;
+            // The decoder's message quotes a character of the key: it is left out.
+            .map_err(|_| corrupt("private key is not base64".to_owned()))?;
         let key = ed25519_dalek::SigningKey::from_pkcs8_der(&der)
             .map_err(|e| corrupt(format!("private key is not Ed25519 PKCS#8: {e}")))?;
         if URL_SAFE_NO_PAD.encode(key.verifying_key().to_bytes()) != self.public_key {
@@ -97,6 +101,7 @@ impl fmt::Debug for KeyRecord {
         f.debug_struct("KeyRecord")
             .field("kid", &self.kid)
             .field("public_key", &self.public_key)
+            .field("generation", &self.generation)
             .field("create_ms", &self.create_ms)
             .finish_non_exhaustive()
     }
@@ -133,7 +138,7 @@ mod tests {
 
     #[test]
     fn generated_key_reads_back() -> Result<(), KeyError> {
-        let record = KeyRecord::generate(1)?;
+        let record = KeyRecord::generate(0, 1)?;
         let key = record.signing_key()?;
         assert_eq!(key.kid(), record.kid);
         assert_eq!(
@@ -145,7 +150,7 @@ mod tests {
 
     #[test]
     fn debug_never_shows_the_private_key() -> Result<(), KeyError> {
-        let record = KeyRecord::generate(1)?;
+        let record = KeyRecord::generate(0, 1)?;
         let printed = format!("{record:?} {:?}", record.signing_key()?);
         assert!(!printed.contains(&record.private_key_pkcs8));
         assert!(printed.contains(&record.kid));
@@ -154,8 +159,8 @@ mod tests {
 
     #[test]
     fn mismatched_public_key_is_corrupt() -> Result<(), KeyError> {
-        let mut record = KeyRecord::generate(1)?;
-        record.public_key = KeyRecord::generate(1)?.public_key;
+        let mut record = KeyRecord::generate(0, 1)?;
+        record.public_key = KeyRecord::generate(0, 1)?.public_key;
         assert!(matches!(
             record.signing_key(),
             Err(KeyError::Corrupt { .. })
@@ -165,7 +170,7 @@ mod tests {
 
     #[test]
     fn jwk_is_an_ed25519_signature_key() -> Result<(), KeyError> {
-        let record = KeyRecord::generate(1)?;
+        let record = KeyRecord::generate(0, 1)?;
         let jwk = record.jwk();
         assert_eq!(
             (

@@ -129,38 +129,46 @@ impl Store {
         .map_err(DomainError::storage("looking up credentials"))
     }
 
-    /// The newest signing key (the one that signs), if any exists yet.
+    /// The newest signing key (the highest generation: the one that signs), if any exists yet.
     pub async fn newest_signing_key(&self) -> Result<Option<KeyRecord>, DomainError> {
         sqlx::query_as::<_, KeyRecord>(
-            "SELECT kid, private_key_pkcs8, public_key, create_ms FROM signing_keys \
-             ORDER BY create_ms DESC, kid DESC LIMIT 1",
+            "SELECT kid, private_key_pkcs8, public_key, generation, create_ms FROM signing_keys \
+             ORDER BY generation DESC LIMIT 1",
         )
         .fetch_optional(&self.pool)
         .await
         .map_err(DomainError::storage("loading the signing key"))
     }
 
-    pub async fn insert_signing_key(&self, key: &KeyRecord) -> Result<(), DomainError> {
+    /// Stores `key` unless a key of its generation exists already; `false` when one did (another
+    /// replica generated or rotated at the same moment, and its key is the one to use).
+    pub async fn insert_signing_key(&self, key: &KeyRecord) -> Result<bool, DomainError> {
         sqlx::query(
-            "INSERT INTO signing_keys (kid, private_key_pkcs8, public_key, create_ms) \
-             VALUES ($1, $2, $3, $4)",
+            "INSERT INTO signing_keys (kid, private_key_pkcs8, public_key, generation, create_ms) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
         )
         .bind(&key.kid)
         .bind(&key.private_key_pkcs8)
         .bind(&key.public_key)
+        .bind(key.generation)
         .bind(key.create_ms)
         .execute(&self.pool)
         .await
-        .map(drop)
+        .map(|done| done.rows_affected() == 1)
         .map_err(DomainError::storage("storing a signing key"))
     }
 
-    /// Every public key, oldest first, as JWKs. Read from the database on each call so that a
-    /// key another replica created is published too.
-    pub async fn public_keys(&self) -> Result<Vec<Jwk>, DomainError> {
+    /// The public keys that are not retired, oldest first, as JWKs. A key is retired once the
+    /// key that replaced it was created before `retired_before_ms`. Read from the database on
+    /// each call so that a key another replica created is published too.
+    pub async fn public_keys(&self, retired_before_ms: i64) -> Result<Vec<Jwk>, DomainError> {
         let rows = sqlx::query_as::<_, PublicKey>(
-            "SELECT kid, public_key FROM signing_keys ORDER BY create_ms, kid",
+            "SELECT kid, public_key FROM signing_keys \
+             WHERE NOT EXISTS (SELECT 1 FROM signing_keys AS newer \
+                 WHERE newer.generation > signing_keys.generation AND newer.create_ms < $1) \
+             ORDER BY generation",
         )
+        .bind(retired_before_ms)
         .fetch_all(&self.pool)
         .await
         .map_err(DomainError::storage("listing signing keys"))?;
@@ -168,6 +176,24 @@ impl Store {
             .into_iter()
             .map(|row| keys::jwk(row.kid, row.public_key))
             .collect())
+    }
+
+    /// Deletes the keys that [`Self::public_keys`] no longer publishes: no token they signed is
+    /// still valid, so their private halves are only a liability. Returns how many went.
+    pub async fn delete_retired_signing_keys(
+        &self,
+        retired_before_ms: i64,
+    ) -> Result<u64, DomainError> {
+        sqlx::query(
+            "DELETE FROM signing_keys \
+             WHERE EXISTS (SELECT 1 FROM signing_keys AS newer \
+                 WHERE newer.generation > signing_keys.generation AND newer.create_ms < $1)",
+        )
+        .bind(retired_before_ms)
+        .execute(&self.pool)
+        .await
+        .map(|done| done.rows_affected())
+        .map_err(DomainError::storage("deleting retired signing keys"))
     }
 
     /// Stores a refresh token that starts (or continues) a family.
@@ -376,15 +402,19 @@ mod tests {
         Ok(())
     }
 
+    fn kids(keys: Vec<Jwk>) -> Vec<String> {
+        keys.into_iter().map(|k| k.kid).collect()
+    }
+
     #[tokio::test]
     async fn newest_signing_key_signs_and_all_are_published() -> TestResult {
         let dir = tempfile::tempdir()?;
         for store in stores(&dir).await? {
             assert!(store.newest_signing_key().await?.is_none());
-            let old = KeyRecord::generate(NOW)?;
-            let new = KeyRecord::generate(LATER)?;
-            store.insert_signing_key(&old).await?;
-            store.insert_signing_key(&new).await?;
+            let old = KeyRecord::generate(0, NOW)?;
+            let new = KeyRecord::generate(1, LATER)?;
+            assert!(store.insert_signing_key(&old).await?);
+            assert!(store.insert_signing_key(&new).await?);
             let newest = store.newest_signing_key().await?;
             assert_eq!(
                 newest.as_ref().map(|k| k.kid.as_str()),
@@ -392,13 +422,98 @@ mod tests {
             );
             // What was stored reads back as a working key.
             assert!(newest.map(|k| k.signing_key()).transpose().is_ok());
-            let published: Vec<String> = store
-                .public_keys()
-                .await?
-                .into_iter()
-                .map(|k| k.kid)
-                .collect();
+            let published = kids(store.public_keys(NOW).await?);
             assert_eq!(published, vec![old.kid, new.kid]);
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_generation_is_stored_once() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        for store in stores(&dir).await? {
+            let first = KeyRecord::generate(0, NOW)?;
+            let rival = KeyRecord::generate(0, NOW)?;
+            assert!(store.insert_signing_key(&first).await?);
+            assert!(!store.insert_signing_key(&rival).await?);
+            let newest = store.newest_signing_key().await?;
+            assert_eq!(newest.map(|k| k.kid), Some(first.kid.clone()));
+            assert_eq!(kids(store.public_keys(NOW).await?), vec![first.kid]);
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_key_replaced_before_the_cutoff_is_retired_then_deleted() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        for store in stores(&dir).await? {
+            let old = KeyRecord::generate(0, NOW)?;
+            let new = KeyRecord::generate(1, LATER)?;
+            store.insert_signing_key(&old).await?;
+            store.insert_signing_key(&new).await?;
+
+            // Replaced at LATER: published while the cutoff is not past LATER.
+            assert_eq!(store.public_keys(LATER).await?.len(), 2);
+            assert_eq!(store.delete_retired_signing_keys(LATER).await?, 0);
+            assert_eq!(
+                kids(store.public_keys(LATER + 1).await?),
+                vec![new.kid.clone()]
+            );
+            assert_eq!(store.delete_retired_signing_keys(LATER + 1).await?, 1);
+            // The newest key is never retired, however late.
+            assert_eq!(
+                kids(store.public_keys(i64::MAX).await?),
+                vec![new.kid.clone()]
+            );
+            assert_eq!(store.delete_retired_signing_keys(i64::MAX).await?, 0);
+            let newest = store.newest_signing_key().await?;
+            assert_eq!(newest.map(|k| k.kid), Some(new.kid));
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn keys_stored_before_generations_are_numbered_by_age() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        sqlx::any::install_default_drivers();
+        for config in mesh::store::testing::all(dir.path(), "auth").await? {
+            // A database as the first version of auth left it, with three keys.
+            let url = match mesh::store::Backend::of_url(&config.url)? {
+                mesh::store::Backend::Sqlite => format!("{}?mode=rwc", config.url),
+                mesh::store::Backend::Postgres => config.url.clone(),
+            };
+            let pool = AnyPool::connect(&url).await?;
+            sqlx::raw_sql(include_str!("../migrations/0001_init.sql"))
+                .execute(&pool)
+                .await?;
+            // Two of the same age (ordered by kid, as the first version did), then a newer one;
+            // inserted out of order.
+            let (first, second, third) = ("kid-a", "kid-b", "kid-c");
+            for (kid, create_ms) in [(third, LATER), (second, NOW), (first, NOW)] {
+                let record = KeyRecord::generate(0, create_ms)?;
+                sqlx::query(
+                    "INSERT INTO signing_keys (kid, private_key_pkcs8, public_key, create_ms) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(kid)
+                .bind(&record.private_key_pkcs8)
+                .bind(&record.public_key)
+                .bind(create_ms)
+                .execute(&pool)
+                .await?;
+            }
+            pool.close().await;
+
+            let store = Store::new(mesh::store::open(&config, &MIGRATOR).await?);
+            let found = store.newest_signing_key().await?;
+            assert_eq!(
+                found.map(|k| (k.kid, k.generation)),
+                Some((third.to_owned(), 2))
+            );
+            assert_eq!(
+                kids(store.public_keys(NOW).await?),
+                vec![first, second, third]
+            );
         }
         Ok(())
     }

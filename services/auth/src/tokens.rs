@@ -56,7 +56,7 @@ mod tests {
     }
 
     fn setup() -> Result<(KeyRecord, Verifier), Box<dyn std::error::Error>> {
-        let record = KeyRecord::generate(0)?;
+        let record = KeyRecord::generate(0, 0)?;
         let verifier = verifier(&record)?;
         Ok((record, verifier))
     }
@@ -89,7 +89,7 @@ mod tests {
     #[test]
     fn token_signed_by_another_key_with_a_known_kid_fails() -> TestResult {
         let (record, verifier) = setup()?;
-        let intruder = KeyRecord::generate(0)?;
+        let intruder = KeyRecord::generate(0, 0)?;
         let token = sign(&intruder, &record.kid, &claims())?;
         assert_eq!(verifier.verify(&token), Err(VerifyError::InvalidSignature));
         Ok(())
@@ -98,7 +98,7 @@ mod tests {
     #[test]
     fn token_naming_an_unknown_key_fails() -> TestResult {
         let (_, verifier) = setup()?;
-        let intruder = KeyRecord::generate(0)?;
+        let intruder = KeyRecord::generate(0, 0)?;
         let token = sign(&intruder, &intruder.kid, &claims())?;
         assert_eq!(
             verifier.verify(&token),
@@ -175,7 +175,7 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed() -> Result<(), KeyError> {
-        let record = KeyRecord::generate(0)?;
+        let record = KeyRecord::generate(0, 0)?;
         let verifier = verifier(&record);
         assert!(matches!(
             verifier.map(|v| v.verify("not.a.token")),
@@ -186,7 +186,7 @@ mod tests {
 
     #[test]
     fn short_public_key_is_refused_not_a_panic() -> Result<(), KeyError> {
-        let mut jwk = KeyRecord::generate(0)?.jwk();
+        let mut jwk = KeyRecord::generate(0, 0)?.jwk();
         jwk.x = URL_SAFE_NO_PAD.encode([1u8; 4]);
         let result = Verifier::new(&GetJwksResponse { keys: vec![jwk] }, ISSUER, AUDIENCE);
         assert!(matches!(result, Err(VerifyError::InvalidKey { .. })));
@@ -195,7 +195,7 @@ mod tests {
 
     #[test]
     fn non_ed25519_key_is_refused() -> Result<(), KeyError> {
-        let mut jwk = KeyRecord::generate(0)?.jwk();
+        let mut jwk = KeyRecord::generate(0, 0)?.jwk();
         jwk.kty = "RSA".to_owned();
         let result = Verifier::new(&GetJwksResponse { keys: vec![jwk] }, ISSUER, AUDIENCE);
         assert!(matches!(result, Err(VerifyError::InvalidKey { .. })));

@@ -1,234 +1,23 @@
-//! Auth as a caller sees it: the real [`auth::App`] and the real [`users::App`] it calls,
-//! started in-process on ephemeral ports with their own SQLite files, called through generated
-//! clients over the mesh's client channel. Each test asserts what the caller gets back: a status
-//! code and message, the fields a violation names, tokens that verify (or stop working).
+//! Auth's contract as a caller sees it: registering, logging in, refreshing and logging out,
+//! the key set that verifies its tokens, and what happens when users or auth's own database
+//! fail. The harness (real auth and users over mutual TLS) is in `support`.
 
-use std::time::Duration;
+mod support;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{bail, ensure};
 use auth::{
-    App, BAD_CREDENTIALS, Config,
-    tokens::{Claims, Verifier, VerifyError},
+    BAD_CREDENTIALS,
+    tokens::{Claims, VerifyError},
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use ed25519_dalek::pkcs8::EncodePrivateKey;
-use mesh::{
-    client::MeshChannel,
-    config::{ClientConfig, DatabaseConfig, ServerConfig},
-    status::field_violations,
+use mesh::testing::TestPki;
+use meshwork::auth::v1::{GetJwksRequest, RegisterRequest, auth_service_client::AuthServiceClient};
+use tonic::Code;
+
+use support::{
+    ACCESS_TTL_SECS, PASSWORD, TestMesh, auth_config, code, start_auth, violated_fields,
 };
-use meshwork::{
-    auth::v1::{
-        GetJwksRequest, GetJwksResponse, LoginRequest, LogoutRequest, RefreshRequest,
-        RegisterRequest, TokenPair, auth_service_client::AuthServiceClient,
-    },
-    users::v1::{ListUsersRequest, user_service_client::UserServiceClient},
-};
-use tokio::sync::oneshot;
-use tonic::{Code, Status};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
-
-const AUTH_SERVICE: &str = "meshwork.auth.v1.AuthService";
-const USERS_SERVICE: &str = "meshwork.users.v1.UserService";
-/// How long a freshly started service may take to report SERVING.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
-const PASSWORD: &str = "correct horse battery staple";
-/// The default access token lifetime (15 minutes), as the contract reports it.
-const ACCESS_TTL_SECS: i64 = 15 * 60;
-
-/// A running service; dropping it stops the service.
-struct Running {
-    channel: MeshChannel,
-    _stop: oneshot::Sender<()>,
-}
-
-/// Auth and the users service it calls, each with its own database, and clients to both.
-struct TestMesh {
-    auth: AuthServiceClient<MeshChannel>,
-    users: UserServiceClient<MeshChannel>,
-    auth_database: DatabaseConfig,
-    _running: Vec<Running>,
-    _data: tempfile::TempDir,
-}
-
-impl TestMesh {
-    /// Starts users, then auth pointing at it, and waits until both report SERVING.
-    async fn start() -> anyhow::Result<Self> {
-        let data = tempfile::tempdir()?;
-        let users = start_users(&data).await?;
-        let users_endpoint = ClientConfig::to(format!("http://{}", users.1));
-        let auth_database = mesh::store::testing::sqlite(data.path(), "auth");
-        let auth = start_auth(auth_config(&auth_database, users_endpoint)?).await?;
-        Ok(Self {
-            auth: AuthServiceClient::new(auth.channel.clone()),
-            users: UserServiceClient::new(users.0.channel.clone()),
-            auth_database,
-            _running: vec![users.0, auth],
-            _data: data,
-        })
-    }
-
-    async fn register(&mut self, email: &str, password: &str) -> Result<String, Status> {
-        let response = self
-            .auth
-            .register(RegisterRequest {
-                email: email.into(),
-                password: password.into(),
-                display_name: "Ada Lovelace".into(),
-            })
-            .await?;
-        Ok(response.into_inner().user_id)
-    }
-
-    async fn login(&mut self, email: &str, password: &str) -> Result<(String, TokenPair), Status> {
-        let response = self
-            .auth
-            .login(LoginRequest {
-                email: email.into(),
-                password: password.into(),
-            })
-            .await?
-            .into_inner();
-        let tokens = response
-            .tokens
-            .ok_or_else(|| Status::data_loss("Login answered without tokens"))?;
-        Ok((response.user_id, tokens))
-    }
-
-    async fn refresh(&mut self, refresh_token: &str) -> Result<TokenPair, Status> {
-        self.auth
-            .refresh(RefreshRequest {
-                refresh_token: refresh_token.into(),
-            })
-            .await?
-            .into_inner()
-            .tokens
-            .ok_or_else(|| Status::data_loss("Refresh answered without tokens"))
-    }
-
-    async fn logout(&mut self, refresh_token: &str) -> Result<(), Status> {
-        self.auth
-            .logout(LogoutRequest {
-                refresh_token: refresh_token.into(),
-            })
-            .await?;
-        Ok(())
-    }
-
-    async fn jwks(&mut self) -> Result<GetJwksResponse, Status> {
-        Ok(self.auth.get_jwks(GetJwksRequest {}).await?.into_inner())
-    }
-
-    /// A verifier for the default issuer and audience over the key set auth publishes now.
-    async fn verifier(&mut self) -> anyhow::Result<Verifier> {
-        let defaults = Config::default().tokens;
-        Ok(Verifier::new(
-            &self.jwks().await?,
-            &defaults.issuer,
-            &defaults.audience,
-        )?)
-    }
-
-    async fn user_count(&mut self) -> Result<usize, Status> {
-        let page = self
-            .users
-            .list_users(ListUsersRequest {
-                page_size: 0,
-                page_token: String::new(),
-            })
-            .await?;
-        Ok(page.into_inner().users.len())
-    }
-}
-
-fn local() -> anyhow::Result<ServerConfig> {
-    Ok(ServerConfig {
-        listen_addr: "127.0.0.1:0".parse()?,
-        ..ServerConfig::default()
-    })
-}
-
-fn auth_config(database: &DatabaseConfig, users: ClientConfig) -> anyhow::Result<Config> {
-    Ok(Config {
-        server: local()?,
-        database: database.clone(),
-        users,
-        ..Config::default()
-    })
-}
-
-async fn start_users(data: &tempfile::TempDir) -> anyhow::Result<(Running, std::net::SocketAddr)> {
-    let config = users::Config {
-        server: local()?,
-        database: mesh::store::testing::sqlite(data.path(), "users"),
-    };
-    let app = users::App::build(config).await?;
-    let addr = app.local_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(app.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
-    let running = serving(addr, USERS_SERVICE, stop).await?;
-    Ok((running, addr))
-}
-
-async fn start_auth(config: Config) -> anyhow::Result<Running> {
-    let app = App::build(config).await?;
-    let addr = app.local_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(app.run_until_stopped(async move {
-        // Resolves when the sender is dropped, that is when the test (or the service) ends.
-        let _ = stopped.await;
-    }));
-    serving(addr, AUTH_SERVICE, stop).await
-}
-
-/// Connects to `addr` and waits until health reports `service` SERVING.
-async fn serving(
-    addr: std::net::SocketAddr,
-    service: &str,
-    stop: oneshot::Sender<()>,
-) -> anyhow::Result<Running> {
-    let channel = mesh::client::channel(&ClientConfig::to(format!("http://{addr}")))?;
-    let mut health = HealthClient::new(channel.clone());
-    tokio::time::timeout(READY_TIMEOUT, async {
-        let mut updates = health
-            .watch(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await?
-            .into_inner();
-        while let Some(update) = updates.message().await? {
-            if update.status == ServingStatus::Serving as i32 {
-                return Ok(());
-            }
-        }
-        bail!("health stream ended before {service} was SERVING")
-    })
-    .await
-    .with_context(|| format!("{service} did not report SERVING in time"))??;
-    Ok(Running {
-        channel,
-        _stop: stop,
-    })
-}
-
-/// The fields an INVALID_ARGUMENT names, or an error saying what came back instead.
-fn violated_fields<T: std::fmt::Debug>(result: Result<T, Status>) -> anyhow::Result<Vec<String>> {
-    match result {
-        Err(status) if status.code() == Code::InvalidArgument => Ok(field_violations(&status)
-            .into_iter()
-            .map(|(field, _)| field)
-            .collect()),
-        other => bail!("expected INVALID_ARGUMENT, got {other:?}"),
-    }
-}
-
-fn code<T>(result: &Result<T, Status>) -> Option<Code> {
-    result.as_ref().err().map(Status::code)
-}
 
 #[tokio::test]
 async fn registered_user_logs_in_with_a_token_that_verifies_against_the_jwks() -> anyhow::Result<()>
@@ -415,9 +204,11 @@ async fn signing_key_survives_a_restart() -> anyhow::Result<()> {
     let (_, tokens) = mesh.login("ada@example.com", PASSWORD).await?;
     let before = mesh.jwks().await?;
 
-    let users = ClientConfig::to("http://127.0.0.1:1");
-    let restarted = start_auth(auth_config(&mesh.auth_database, users)?).await?;
-    let mut again = AuthServiceClient::new(restarted.channel.clone());
+    // Users is not needed to serve keys: point the restarted auth at a port nothing serves.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let config = auth_config(&mesh.pki, &mesh.auth_database, closed)?;
+    let restarted = start_auth(&mesh.pki, config).await?;
+    let mut again = AuthServiceClient::new(mesh.pki.channel(restarted.addr, "auth")?);
     let after = again.get_jwks(GetJwksRequest {}).await?.into_inner();
     ensure!(after == before, "{after:?} != {before:?}");
     ensure!(before.keys.len() == 1, "{before:?}");
@@ -428,12 +219,12 @@ async fn signing_key_survives_a_restart() -> anyhow::Result<()> {
 #[tokio::test]
 async fn register_while_users_is_down_is_unavailable() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
+    let pki = TestPki::new(data.path())?;
     // A port that was free a moment ago: nothing listens there.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let users = ClientConfig::to(format!("http://{closed}"));
     let database = mesh::store::testing::sqlite(data.path(), "auth");
-    let auth = start_auth(auth_config(&database, users)?).await?;
-    let result = AuthServiceClient::new(auth.channel.clone())
+    let auth = start_auth(&pki, auth_config(&pki, &database, closed)?).await?;
+    let result = AuthServiceClient::new(pki.channel(auth.addr, "auth")?)
         .register(RegisterRequest {
             email: "ada@example.com".into(),
             password: PASSWORD.into(),
