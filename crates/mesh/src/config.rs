@@ -142,8 +142,8 @@ pub struct AdminConfig {
     pub listen_addr: Option<SocketAddr>,
 }
 
-/// Where a service keeps its data.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Where a service keeps its data. Its `Debug` hides the URL's password.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// `sqlite://path/to/file.db` (created when absent) or `postgres://user@host/db`.
@@ -153,6 +153,16 @@ pub struct DatabaseConfig {
     /// How long a call waits for a pooled connection before failing UNAVAILABLE.
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &crate::store::redact(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .finish()
+    }
 }
 
 impl DatabaseConfig {
@@ -191,7 +201,8 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientConfig {
-    /// `http://host:port` URIs of the downstream's replicas.
+    /// `https://host:port` URIs of the downstream's replicas (mutual TLS is the connector's job;
+    /// `http://` is accepted and means the same).
     pub endpoints: Vec<String>,
     /// How long establishing a connection to one endpoint may take.
     #[serde(with = "humantime_serde")]
@@ -224,7 +235,7 @@ impl ClientConfig {
             if uri.scheme().is_none() || uri.authority().is_none() {
                 return Err(ConfigError::invalid(
                     format!("{prefix}.endpoints"),
-                    format!("`{endpoint}` must look like http://host:port"),
+                    format!("`{endpoint}` must look like https://host:port"),
                 ));
             }
         }
@@ -294,6 +305,15 @@ mod tests {
                 .is_some_and(|e| e.contains("server.listen_addr")),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn database_passwords_do_not_print() {
+        let config = DatabaseConfig {
+            url: "postgres://app:hunter2@db/app".into(),
+            ..DatabaseConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]
