@@ -22,6 +22,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     tonic_prost_build::configure()
+        // Messages that carry passwords or tokens get a redacting Debug in src/lib.rs instead,
+        // so that no log line or error message can print a secret.
+        .skip_debug([
+            "meshwork.auth.v1.RegisterRequest",
+            "meshwork.auth.v1.LoginRequest",
+            "meshwork.auth.v1.RefreshRequest",
+            "meshwork.auth.v1.LogoutRequest",
+            "meshwork.auth.v1.TokenPair",
+        ])
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -2,12 +2,15 @@
 """The user journey against a running mesh, through a Python client generated from proto/.
 
     python -m grpc_tools.protoc -I proto --python_out=GEN --grpc_python_out=GEN $(find proto -name '*.proto')
-    python tests/e2e/journey.py --generated GEN
+    python tests/e2e/journey.py --generated GEN --ca CERTS/ca.crt --cert CERTS/operator.crt --key CERTS/operator.key
+
+Every port speaks mutual TLS only: the client presents the operator's certificate (admitted by
+every service) and dials `localhost`, the name the development certificates carry for clients.
 
 register (auth) -> login -> top up 5000 EUR minor units (billing) -> order 2 x 1250 EUR (orders)
 -> WatchOrder until PAID -> cancel -> CANCELLED -> balance back to 5000; plus the errors a client
 can expect on the way (INVALID_ARGUMENT, ALREADY_EXISTS, UNAUTHENTICATED, NOT_FOUND) and
-reflection v1 on every address. Stops at the first broken expectation; exits 0 only if all held.
+reflection v1 on every address, and a client without a certificate refused. Stops at the first broken expectation; exits 0 only if all held.
 Uses only the generated code and grpcio: no other client code from this repository.
 """
 
@@ -36,12 +39,16 @@ class Journey:
         self.passed = 0
         self.channels: list[grpc.Channel] = []
         self.metadata: tuple[tuple[str, str], ...] = ()
+        self.credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(args.ca), private_key=read(args.key), certificate_chain=read(args.cert)
+        )
 
     # ---- helpers ---------------------------------------------------------------------------
 
     def channel(self, port: int) -> grpc.Channel:
+        """A mutual-TLS channel as the operator, connected."""
         target = f"{self.args.host}:{port}"
-        channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        channel = grpc.secure_channel(target, self.credentials, options=CHANNEL_OPTIONS)
         try:
             grpc.channel_ready_future(channel).result(timeout=self.args.timeout)
         except grpc.FutureTimeoutError:
@@ -134,6 +141,29 @@ class Journey:
                 body,
             )
 
+    def refused_without_certificate(self) -> None:
+        """TLS that trusts the mesh CA but presents no certificate: the server never serves it."""
+        port, service = self.args.services[0]
+        channel = grpc.secure_channel(
+            f"{self.args.host}:{port}",
+            grpc.ssl_channel_credentials(root_certificates=read(self.args.ca)),
+            options=CHANNEL_OPTIONS,
+        )
+        self.channels.append(channel)
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check", request_serializer=None, response_deserializer=None
+        )
+        try:
+            response = check(b"", timeout=self.args.timeout)
+        except grpc.RpcError as error:
+            self.ok(
+                f"a client without a certificate is refused by :{port} ({error.code().name})",
+                error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED),
+                f"expected UNAVAILABLE, got {error.code().name}: {error.details()}",
+            )
+            return
+        raise Failed(f"a client without a certificate got an answer from {service} on :{port}: {response!r}")
+
     def run(self) -> None:
         a, p = self.args, self.pb
         auth_pb, users_pb, billing_pb, orders_pb = p["auth"], p["users"], p["billing"], p["orders"]
@@ -144,6 +174,7 @@ class Journey:
         orders = p["orders_grpc"].OrderServiceStub(self.channel(a.orders))
 
         self.reflection_v1()
+        self.refused_without_certificate()
 
         run_id = uuid.uuid4().hex[:12]
         email = f"journey-{run_id}@example.com"
@@ -210,6 +241,24 @@ class Journey:
             "the access token is EdDSA, signed with a key that GetJwks publishes",
             header.get("alg") == "EdDSA" and header.get("kid") in kids,
             f"header {header}, JWKS kids {sorted(kids)}",
+        )
+        # From here on every call carries the user's token: where a method admits end users, a
+        # token narrows the call to its user (even over the operator's certificate), so the rest
+        # of the journey is the user acting on their own data.
+        self.metadata = (("authorization", f"Bearer {tokens.access_token}"),)
+        self.expect_error(
+            "with the user's token, another user's account: PERMISSION_DENIED",
+            grpc.StatusCode.PERMISSION_DENIED,
+            billing.GetAccount,
+            billing_pb.GetAccountRequest(user_id=f"someone-else-{run_id}"),
+        )
+        forged = tokens.access_token[:-4] + ("AAAA" if not tokens.access_token.endswith("AAAA") else "BBBB")
+        self.metadata = (("authorization", f"Bearer {forged}"),)
+        self.expect_error(
+            "with a forged token: UNAUTHENTICATED",
+            grpc.StatusCode.UNAUTHENTICATED,
+            billing.GetAccount,
+            billing_pb.GetAccountRequest(user_id=user_id),
         )
         self.metadata = (("authorization", f"Bearer {tokens.access_token}"),)
 
@@ -292,6 +341,11 @@ class Journey:
             channel.close()
 
 
+def read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
 def b64url(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
@@ -326,7 +380,10 @@ def load_generated(folder: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generated", required=True, help="grpc_tools.protoc's output folder")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="localhost", help="a name the services' certificates carry")
+    parser.add_argument("--ca", required=True, help="the mesh CA certificate (PEM)")
+    parser.add_argument("--cert", required=True, help="the operator's certificate (PEM)")
+    parser.add_argument("--key", required=True, help="the operator's private key (PEM)")
     parser.add_argument("--users", type=int, default=50051)
     parser.add_argument("--users-replica", type=int, default=50061)
     parser.add_argument("--auth", type=int, default=50052)

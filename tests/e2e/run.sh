@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # End-to-end test of the local mesh, used the way a person would use it:
-#   1. `meshctl up` on a fresh data directory, waiting for its ready line;
-#   2. the real grpcurl (reflection only, no .proto files): list, describe, health, one call each;
-#   3. a Python client generated from proto/ by grpcio-tools walks the user journey (journey.py);
+#   0. `meshctl certs` writes a fresh development PKI (a CA, the services' and the operator's
+#      certificates), and keeps it when run again;
+#   1. `meshctl up` on a fresh data directory and that PKI, waiting for its ready line;
+#   2. the real grpcurl (reflection only, no .proto files), over mutual TLS as the operator: list,
+#      describe, health, one call each; and every port refuses plaintext and clients without a
+#      certificate;
+#   3. a Python client generated from proto/ by grpcio-tools walks the user journey (journey.py),
+#      over mutual TLS as the operator;
 #   4. Ctrl-C (SIGINT) to meshctl: it must exit 0 and leave no service behind.
 # `make e2e` builds the binaries, installs the tools into .tools/ and passes their paths.
 set -euo pipefail
@@ -16,10 +21,16 @@ PYTHON=${PYTHON:-$ROOT/.tools/venv/bin/python}
 READY_TIMEOUT=${E2E_READY_TIMEOUT:-120} # seconds until meshctl says every service is SERVING
 STOP_TIMEOUT=${E2E_STOP_TIMEOUT:-60}    # seconds meshctl gets to stop after SIGINT
 CALL_TIMEOUT=${E2E_CALL_TIMEOUT:-10}    # seconds per grpcurl call
+# A refused client is not answered at all: grpcurl retries until its connect timeout. Short, so
+# the refusals below add seconds, not minutes.
+REFUSED_TIMEOUT=${E2E_REFUSED_TIMEOUT:-2}
 READY_LINE='meshwork: all services SERVING'
-HOST=127.0.0.1
+HOST=127.0.0.1 # where the services listen
+NAME=localhost # what clients dial: the name the development certificates carry for them
+OPERATOR=operator
 
-# meshctl up's contract: these ports, plaintext gRPC, these services.
+# meshctl up's contract: these ports, mutual TLS only (TLS 1.3, a certificate from the mesh CA),
+# these services.
 PORTS=(50051 50061 50052 50053 50054)
 declare -A SERVICE=(
   [50051]=meshwork.users.v1.UserService
@@ -51,6 +62,8 @@ declare -A MESSAGE_FIELD=(
 passed=0
 failed=0
 tmp=
+certs=
+tls=() # grpcurl's flags to call as the operator: -cacert, -cert, -key
 mesh_pid=
 out=
 rc=0
@@ -124,13 +137,16 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Runs grpcurl; leaves its combined output in $out and its exit code in $rc.
-grpcurl_() {
+# Runs grpcurl with only the flags given; leaves its combined output in $out, its exit code in $rc.
+grpcurl_bare() {
   set +e
-  out=$("$GRPCURL" -plaintext -connect-timeout 5 -max-time "$CALL_TIMEOUT" "$@" 2>&1)
+  out=$("$GRPCURL" -connect-timeout 5 -max-time "$CALL_TIMEOUT" "$@" 2>&1)
   rc=$?
   set -e
 }
+
+# Runs grpcurl as the operator (mutual TLS with the operator's certificate).
+grpcurl_() { grpcurl_bare "${tls[@]}" "$@"; }
 
 # expect DESCRIPTION REGEX...: the last call succeeded and its output matches every regex.
 expect() {
@@ -147,6 +163,13 @@ expect() {
 expect_code() {
   ((rc != 0)) || fail "$1: expected $2, the call succeeded:\n$out"
   grep -Eq "^ *Code: $2\$" <<<"$out" || fail "$1: expected Code: $2:\n$out"
+  pass "$1"
+}
+
+# expect_refused DESCRIPTION: the last call never reached gRPC: the connection was refused.
+expect_refused() {
+  ((rc != 0)) || fail "$1: expected the connection to be refused, the call succeeded:\n$out"
+  grep -q '^Failed to dial target host' <<<"$out" || fail "$1: expected 'Failed to dial target host':\n$out"
   pass "$1"
 }
 
@@ -168,14 +191,36 @@ for port in "${PORTS[@]}"; do
 done
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/meshwork-e2e.XXXXXX")
+certs=$tmp/certs
+tls=(-cacert "$certs/ca.crt" -cert "$certs/$OPERATOR.crt" -key "$certs/$OPERATOR.key")
+
+# ---- 0. meshctl certs -----------------------------------------------------------------------
+
+names=(users auth billing orders "$OPERATOR")
+out=$("$MESHCTL" certs --dir "$certs" 2>&1) || fail "meshctl certs --dir $certs failed:\n$out"
+for name in "${names[@]}"; do
+  [[ -s $certs/$name.crt && -s $certs/$name.key ]] || fail "meshctl certs wrote no $name.crt/$name.key:\n$out"
+  grep -qF -- "spiffe://meshwork.local/ns/default/sa/$name" <<<"$out" ||
+    fail "meshctl certs did not name $name's identity:\n$out"
+  [[ $(stat -c %a "$certs/$name.key") == 600 ]] || fail "$certs/$name.key is readable by others"
+done
+[[ -s $certs/ca.crt && -s $certs/ca.key ]] || fail "meshctl certs wrote no CA:\n$out"
+grep -qF -- "grpcurl ${tls[*]} $NAME:" <<<"$out" || fail "meshctl certs printed no grpcurl command with the operator's files:\n$out"
+pass "meshctl certs: a CA and certificates for ${names[*]}"
+ca_before=$(cat "$certs/ca.crt")
+out=$("$MESHCTL" certs --dir "$certs" 2>&1) || fail "meshctl certs run again failed:\n$out"
+if [[ $(cat "$certs/ca.crt") != "$ca_before" ]] || grep -q '^wrote' <<<"$out"; then
+  fail "meshctl certs run again replaced files:\n$out"
+fi
+pass "meshctl certs run again keeps the CA and every certificate"
 
 # ---- 1. meshctl up --------------------------------------------------------------------------
 
-say "starting $MESHCTL up --data-dir $tmp/data (log: $tmp/meshctl.log)"
+say "starting $MESHCTL up --data-dir $tmp/data --certs-dir $certs (log: $tmp/meshctl.log)"
 # Job control on for this one command: meshctl gets its own process group and, unlike a plain
 # background job of a script, does not start with SIGINT ignored.
 set -m
-"$MESHCTL" up --data-dir "$tmp/data" </dev/null >"$tmp/meshctl.log" 2>&1 &
+"$MESHCTL" up --data-dir "$tmp/data" --certs-dir "$certs" </dev/null >"$tmp/meshctl.log" 2>&1 &
 mesh_pid=$!
 set +m
 
@@ -192,14 +237,30 @@ until grep -qsF -- "$READY_LINE" "$tmp/meshctl.log"; do
 done
 pass "meshctl up: '$READY_LINE' after $((SECONDS - deadline + READY_TIMEOUT))s"
 for port in "${PORTS[@]}"; do
-  grep -qF -- "$HOST:$port" "$tmp/meshctl.log" || fail "meshctl up printed no command for $HOST:$port"
+  grep -qF -- "grpcurl ${tls[*]} $NAME:$port list" "$tmp/meshctl.log" ||
+    fail "meshctl up printed no grpcurl command as the operator for $NAME:$port"
 done
-pass "meshctl up printed grpcurl commands for every address"
+pass "meshctl up printed grpcurl commands (mutual TLS as the operator) for every address"
+# The printed commands are meant to be copied: run one word for word (its paths have no spaces).
+read -r -a printed < <(grep -m1 -F -- "grpcurl ${tls[*]} $NAME:50052 list" "$tmp/meshctl.log")
+grpcurl_bare "${printed[@]:1}"
+expect "the printed command works: ${printed[*]}" '^meshwork\.auth\.v1\.AuthService$'
 
 # ---- 2. grpcurl, through reflection only ----------------------------------------------------
 
+# Mutual TLS only: no plaintext, no TLS without a certificate from the mesh CA.
 for port in "${PORTS[@]}"; do
-  addr=$HOST:$port
+  addr=$NAME:$port
+  grpcurl_bare -plaintext -connect-timeout "$REFUSED_TIMEOUT" "$addr" list
+  expect_refused "plaintext grpcurl refused by $addr"
+  grpcurl_bare -cacert "$certs/ca.crt" -connect-timeout "$REFUSED_TIMEOUT" "$addr" list
+  expect_refused "TLS grpcurl without a client certificate refused by $addr"
+  grpcurl_ -d "{\"service\":\"${SERVICE[$port]}\"}" "$addr" grpc.health.v1.Health/Check
+  expect "TLS grpcurl as the operator admitted by $addr" '"status": "SERVING"'
+done
+
+for port in "${PORTS[@]}"; do
+  addr=$NAME:$port
   svc=${SERVICE[$port]}
   short=${svc#meshwork.}
   short=${short%%.*}
@@ -229,39 +290,39 @@ for port in "${PORTS[@]}"; do
   expect "describe $msg on $addr" "^$(re_quote "$msg") is a message:" "$(re_quote "${MESSAGE_FIELD[$short]}")"
 done
 
-grpcurl_ "$HOST:50054" describe meshwork.orders.v1.OrderService.WatchOrder
+grpcurl_ "$NAME:50054" describe meshwork.orders.v1.OrderService.WatchOrder
 expect "describe WatchOrder: a server stream" 'returns \( stream \.meshwork\.orders\.v1\.WatchOrderResponse \)'
 
 # users: CreateUser on one replica, read back on the other (they share one database). The email
 # is normalised (trimmed, lower-cased).
 suffix=$(date +%s)-$$-$RANDOM
 grpcurl_ -d "{\"email\":\"  E2E-Grpcurl-$suffix@Example.COM \",\"display_name\":\"E2E grpcurl\"}" \
-  "$HOST:50051" meshwork.users.v1.UserService/CreateUser
+  "$NAME:50051" meshwork.users.v1.UserService/CreateUser
 expect "users CreateUser on :50051" "\"email\": \"e2e-grpcurl-$suffix@example\\.com\"" '"id": "[^"]+"'
 user_id=$(json_field 'd["user"]["id"]')
 
-grpcurl_ -d "{\"id\":\"$user_id\"}" "$HOST:50061" meshwork.users.v1.UserService/GetUser
+grpcurl_ -d "{\"id\":\"$user_id\"}" "$NAME:50061" meshwork.users.v1.UserService/GetUser
 expect "users GetUser on the other replica :50061" "\"id\": \"$(re_quote "$user_id")\"" \
   "\"email\": \"e2e-grpcurl-$suffix@example\\.com\""
 
 grpcurl_ -d "{\"email\":\"e2e-grpcurl-$suffix@example.com\",\"display_name\":\"Again\"}" \
-  "$HOST:50061" meshwork.users.v1.UserService/CreateUser
+  "$NAME:50061" meshwork.users.v1.UserService/CreateUser
 expect_code "users CreateUser with a taken email: ALREADY_EXISTS" AlreadyExists
 
 grpcurl_ -d '{"email":"not an email","display_name":"Nobody"}' \
-  "$HOST:50051" meshwork.users.v1.UserService/CreateUser
+  "$NAME:50051" meshwork.users.v1.UserService/CreateUser
 expect_code "users CreateUser with an invalid email: INVALID_ARGUMENT" InvalidArgument
 
 # auth: the public keys, as a JSON Web Key Set of Ed25519 keys.
-grpcurl_ -d '{}' "$HOST:50052" meshwork.auth.v1.AuthService/GetJwks
+grpcurl_ -d '{}' "$NAME:50052" meshwork.auth.v1.AuthService/GetJwks
 expect "auth GetJwks" '"kid": "[^"]+"' '"kty": "OKP"' '"crv": "Ed25519"' '"x": "[A-Za-z0-9_-]+"'
 
 # billing: no account before the first top-up.
-grpcurl_ -d "{\"user_id\":\"e2e-unknown-$suffix\"}" "$HOST:50053" meshwork.billing.v1.BillingService/GetAccount
+grpcurl_ -d "{\"user_id\":\"e2e-unknown-$suffix\"}" "$NAME:50053" meshwork.billing.v1.BillingService/GetAccount
 expect_code "billing GetAccount of an unknown user: NOT_FOUND" NotFound
 
 # orders: a fresh user has no orders.
-grpcurl_ -d "{\"user_id\":\"$user_id\"}" "$HOST:50054" meshwork.orders.v1.OrderService/ListOrders
+grpcurl_ -d "{\"user_id\":\"$user_id\"}" "$NAME:50054" meshwork.orders.v1.OrderService/ListOrders
 expect "orders ListOrders of a fresh user"
 [[ $(json_field 'len(d.get("orders", []))') == 0 ]] || fail "orders ListOrders of a fresh user is not empty:\n$out"
 
@@ -274,7 +335,8 @@ mkdir -p "$gen"
   $(find proto -name '*.proto' | sort) || fail "grpc_tools.protoc could not generate a Python client from proto/"
 pass "Python client generated from proto/ ($(find "$gen" -name '*_pb2*.py' | wc -l) modules)"
 
-"$PYTHON" tests/e2e/journey.py --generated "$gen" --host "$HOST" || fail "journey.py failed"
+"$PYTHON" tests/e2e/journey.py --generated "$gen" --host "$NAME" \
+  --ca "$certs/ca.crt" --cert "$certs/$OPERATOR.crt" --key "$certs/$OPERATOR.key" || fail "journey.py failed"
 pass "journey.py"
 
 # ---- 4. Ctrl-C stops everything -------------------------------------------------------------

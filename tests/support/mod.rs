@@ -1,18 +1,21 @@
 //! `TestMesh`: the whole mesh in this test process. users, billing, auth and orders run as real
 //! tonic servers on ephemeral ports, each with its own database (SQLite files in a temp dir, or
-//! fresh PostgreSQL databases when `TEST_POSTGRES_URL` is set and asked for), wired to each
-//! other through the mesh client stack exactly as in production, and handed back as ready
-//! clients. Any service can be stopped and started again on the same port and database.
+//! fresh PostgreSQL databases when `TEST_POSTGRES_URL` is set and asked for) and its own
+//! certificate from a test CA, wired to each other through the mesh client stack over mutual TLS
+//! exactly as in production, and handed back as ready clients (as the operator, or as any
+//! identity). Any service can be stopped and started again on the same port and database.
 
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use mesh::pki::OPERATOR;
 use mesh::{
     client::MeshChannel,
     config::{ClientConfig, DatabaseConfig, ServerConfig},
     store::testing,
+    testing::TestPki,
 };
 use meshwork::{
     auth::v1::auth_service_client::AuthServiceClient,
@@ -69,6 +72,7 @@ impl Drop for Running {
 /// The four services, their databases and clients to each.
 pub struct TestMesh {
     pub dir: TempDir,
+    pub pki: Arc<TestPki>,
     pub storage: Storage,
     pub users: Running,
     pub billing: Running,
@@ -120,18 +124,27 @@ impl TestMesh {
             auth: database("auth").await?,
             orders: database("orders").await?,
         };
-        let users = start_users(any_port(), databases.users.clone()).await?;
-        let billing = start_billing(any_port(), databases.billing.clone()).await?;
-        let auth = start_auth(any_port(), databases.auth.clone(), users.addr).await?;
+        let pki = Arc::new(TestPki::new(&dir.path().join("certs"))?);
+        // users and billing verify end-user tokens against auth, which itself calls users: auth's
+        // address is chosen first so that each can be told where the other is.
+        let auth_addr = dead_addr()?;
+        let users = start_users(&pki, any_port(), databases.users.clone(), auth_addr).await?;
+        let billing = start_billing(&pki, any_port(), databases.billing.clone(), auth_addr).await?;
+        let auth = start_auth(&pki, auth_addr, databases.auth.clone(), users.addr).await?;
         let orders = start_orders(
+            &pki,
             any_port(),
             databases.orders.clone(),
-            users.addr,
-            billing.addr,
+            Downstreams {
+                users: users.addr,
+                billing: billing.addr,
+                auth: auth.addr,
+            },
         )
         .await?;
         Ok(Self {
             dir,
+            pki,
             storage,
             users,
             billing,
@@ -141,20 +154,44 @@ impl TestMesh {
         })
     }
 
+    /// A channel to `service` presenting `identity`'s certificate.
+    pub fn channel_as(&self, identity: &str, service: &str) -> anyhow::Result<MeshChannel> {
+        let addr = match service {
+            "users" => self.users.addr,
+            "billing" => self.billing.addr,
+            "auth" => self.auth.addr,
+            "orders" => self.orders.addr,
+            other => anyhow::bail!("no service {other} in the test mesh"),
+        };
+        Ok(self.pki.channel_as(identity, addr, service)?)
+    }
+
     pub fn users_client(&self) -> anyhow::Result<UserServiceClient<MeshChannel>> {
-        Ok(UserServiceClient::new(channel(self.users.addr)?))
+        Ok(UserServiceClient::new(self.channel_as(OPERATOR, "users")?))
     }
 
     pub fn billing_client(&self) -> anyhow::Result<BillingServiceClient<MeshChannel>> {
-        Ok(BillingServiceClient::new(channel(self.billing.addr)?))
+        Ok(BillingServiceClient::new(
+            self.channel_as(OPERATOR, "billing")?,
+        ))
     }
 
     pub fn auth_client(&self) -> anyhow::Result<AuthServiceClient<MeshChannel>> {
-        Ok(AuthServiceClient::new(channel(self.auth.addr)?))
+        Ok(AuthServiceClient::new(self.channel_as(OPERATOR, "auth")?))
     }
 
     pub fn orders_client(&self) -> anyhow::Result<OrderServiceClient<MeshChannel>> {
-        Ok(OrderServiceClient::new(channel(self.orders.addr)?))
+        Ok(OrderServiceClient::new(
+            self.channel_as(OPERATOR, "orders")?,
+        ))
+    }
+
+    fn downstreams(&self) -> Downstreams {
+        Downstreams {
+            users: self.users.addr,
+            billing: self.billing.addr,
+            auth: self.auth.addr,
+        }
     }
 
     /// Stops billing; its port stays known so [`Self::start_billing_again`] can reuse it.
@@ -166,7 +203,13 @@ impl TestMesh {
     }
 
     pub async fn start_billing_again(&mut self) -> anyhow::Result<()> {
-        self.billing = start_billing(self.billing.addr, self.databases.billing.clone()).await?;
+        self.billing = start_billing(
+            &self.pki,
+            self.billing.addr,
+            self.databases.billing.clone(),
+            self.auth.addr,
+        )
+        .await?;
         Ok(())
     }
 
@@ -178,10 +221,10 @@ impl TestMesh {
             .stop()
             .await?;
         self.orders = start_orders(
+            &self.pki,
             addr,
             self.databases.orders.clone(),
-            self.users.addr,
-            self.billing.addr,
+            self.downstreams(),
         )
         .await?;
         Ok(())
@@ -197,13 +240,12 @@ impl TestMesh {
         std::mem::replace(&mut self.orders, placeholder)
             .stop()
             .await?;
-        self.orders = start_orders(
-            addr,
-            self.databases.orders.clone(),
-            self.users.addr,
+        let downstreams = Downstreams {
             billing,
-        )
-        .await?;
+            ..self.downstreams()
+        };
+        self.orders =
+            start_orders(&self.pki, addr, self.databases.orders.clone(), downstreams).await?;
         Ok(())
     }
 }
@@ -239,25 +281,27 @@ fn server(addr: SocketAddr) -> ServerConfig {
 
 fn client(addr: SocketAddr) -> ClientConfig {
     ClientConfig {
-        connect_timeout: Duration::from_millis(500),
         default_deadline: Duration::from_secs(5),
-        ..ClientConfig::to(format!("http://{addr}"))
+        ..TestPki::client_config(addr)
     }
 }
 
-/// A client channel through the mesh stack to `addr`.
-pub fn channel(addr: SocketAddr) -> anyhow::Result<MeshChannel> {
-    Ok(mesh::client::channel(&client(addr))?)
+/// Where a caller's downstream services listen.
+#[derive(Debug, Clone, Copy)]
+pub struct Downstreams {
+    pub users: SocketAddr,
+    pub billing: SocketAddr,
+    pub auth: SocketAddr,
 }
 
 /// Runs an app until stopped, and waits until it reports SERVING.
-async fn spawn<F>(addr: SocketAddr, service: &str, run: F) -> anyhow::Result<Running>
+async fn spawn<F>(pki: &TestPki, addr: SocketAddr, service: &str, run: F) -> anyhow::Result<Running>
 where
     F: FnOnce(oneshot::Receiver<()>) -> JoinHandle<()>,
 {
     let (stop, stopped) = oneshot::channel();
     let task = run(stopped);
-    wait_serving(addr, service).await?;
+    wait_serving(pki, addr, service).await?;
     Ok(Running {
         addr,
         stop: Some(stop),
@@ -269,14 +313,22 @@ async fn until(stopped: oneshot::Receiver<()>) {
     let _ = stopped.await;
 }
 
-pub async fn start_users(addr: SocketAddr, database: DatabaseConfig) -> anyhow::Result<Running> {
+pub async fn start_users(
+    pki: &TestPki,
+    addr: SocketAddr,
+    database: DatabaseConfig,
+    auth: SocketAddr,
+) -> anyhow::Result<Running> {
     let app = users::App::build(users::Config {
         server: server(addr),
         database,
+        tls: pki.config("users"),
+        auth: client(auth),
+        ..users::Config::default()
     })
     .await?;
     let addr = app.local_addr();
-    spawn(addr, "meshwork.users.v1.UserService", |stopped| {
+    spawn(pki, addr, "users", |stopped| {
         tokio::spawn(async move {
             if let Err(error) = app.run_until_stopped(until(stopped)).await {
                 eprintln!("users stopped with an error: {error}");
@@ -286,14 +338,22 @@ pub async fn start_users(addr: SocketAddr, database: DatabaseConfig) -> anyhow::
     .await
 }
 
-pub async fn start_billing(addr: SocketAddr, database: DatabaseConfig) -> anyhow::Result<Running> {
+pub async fn start_billing(
+    pki: &TestPki,
+    addr: SocketAddr,
+    database: DatabaseConfig,
+    auth: SocketAddr,
+) -> anyhow::Result<Running> {
     let app = billing::App::build(billing::Config {
         server: server(addr),
         database,
+        tls: pki.config("billing"),
+        auth: client(auth),
+        ..billing::Config::default()
     })
     .await?;
     let addr = app.local_addr();
-    spawn(addr, "meshwork.billing.v1.BillingService", |stopped| {
+    spawn(pki, addr, "billing", |stopped| {
         tokio::spawn(async move {
             if let Err(error) = app.run_until_stopped(until(stopped)).await {
                 eprintln!("billing stopped with an error: {error}");
@@ -304,6 +364,7 @@ pub async fn start_billing(addr: SocketAddr, database: DatabaseConfig) -> anyhow
 }
 
 pub async fn start_auth(
+    pki: &TestPki,
     addr: SocketAddr,
     database: DatabaseConfig,
     users: SocketAddr,
@@ -311,12 +372,13 @@ pub async fn start_auth(
     let app = auth::App::build(auth::Config {
         server: server(addr),
         database,
+        tls: pki.config("auth"),
         users: client(users),
         ..auth::Config::default()
     })
     .await?;
     let addr = app.local_addr();
-    spawn(addr, "meshwork.auth.v1.AuthService", |stopped| {
+    spawn(pki, addr, "auth", |stopped| {
         tokio::spawn(async move {
             if let Err(error) = app.run_until_stopped(until(stopped)).await {
                 eprintln!("auth stopped with an error: {error}");
@@ -327,24 +389,27 @@ pub async fn start_auth(
 }
 
 pub async fn start_orders(
+    pki: &TestPki,
     addr: SocketAddr,
     database: DatabaseConfig,
-    users: SocketAddr,
-    billing: SocketAddr,
+    downstreams: Downstreams,
 ) -> anyhow::Result<Running> {
     let app = orders::App::build(orders::Config {
         server: server(addr),
         database,
-        users: client(users),
-        billing: client(billing),
+        tls: pki.config("orders"),
+        users: client(downstreams.users),
+        billing: client(downstreams.billing),
+        auth: client(downstreams.auth),
         recovery: orders::RecoveryConfig {
             interval: TEST_RECOVERY_INTERVAL,
             min_age: Duration::ZERO,
         },
+        ..orders::Config::default()
     })
     .await?;
     let addr = app.local_addr();
-    spawn(addr, "meshwork.orders.v1.OrderService", |stopped| {
+    spawn(pki, addr, "orders", |stopped| {
         tokio::spawn(async move {
             if let Err(error) = app.run_until_stopped(until(stopped)).await {
                 eprintln!("orders stopped with an error: {error}");
@@ -354,23 +419,18 @@ pub async fn start_orders(
     .await
 }
 
-/// Polls `grpc.health.v1` at `addr` until `service` is SERVING.
-pub async fn wait_serving(addr: SocketAddr, service: &str) -> anyhow::Result<()> {
+/// Polls `grpc.health.v1` of `service` (users, billing, auth, orders) at `addr`, over mutual
+/// TLS as the operator, until the whole server reports SERVING.
+pub async fn wait_serving(pki: &TestPki, addr: SocketAddr, service: &str) -> anyhow::Result<()> {
+    let mut health = HealthClient::new(pki.channel(addr, service)?);
     let poll = async {
         loop {
-            if let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .connect()
+            let serving = health
+                .check(HealthCheckRequest::default())
                 .await
-            {
-                let serving = HealthClient::new(channel)
-                    .check(HealthCheckRequest {
-                        service: service.to_owned(),
-                    })
-                    .await
-                    .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving);
-                if serving {
-                    return anyhow::Ok(());
-                }
+                .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving);
+            if serving {
+                return anyhow::Ok(());
             }
             tokio::time::sleep(READY_POLL).await;
         }

@@ -1,10 +1,19 @@
 //! The user journey from the command line, through the generated Rust clients and the mesh's
 //! client stack: register, login, top up, order, watch, cancel (and a balance check).
 //! Addresses default to `meshctl up`'s ports; each can be overridden by flag or environment.
+//! Every call goes over mutual TLS presenting the operator's certificate (from `--certs-dir`),
+//! and carries `authorization: Bearer <token>` when `--token` is given, to act as that user.
+
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use mesh::{client::MeshChannel, config::ClientConfig};
+use mesh::{
+    client::MeshChannel,
+    config::ClientConfig,
+    pki::OPERATOR,
+    tls::{MeshTls, TlsConfig},
+};
 use meshwork::{
     auth::v1::{LoginRequest, RegisterRequest, auth_service_client::AuthServiceClient},
     billing::v1::{GetAccountRequest, TopUpRequest, billing_service_client::BillingServiceClient},
@@ -15,31 +24,123 @@ use meshwork::{
     },
 };
 use tokio_stream::StreamExt;
+use tonic::{
+    Status,
+    metadata::{AsciiMetadataValue, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+};
 
-/// Where the services listen.
+/// Where the services listen, and what a call presents to them.
 #[derive(Args, Clone)]
 pub struct Targets {
     #[arg(
         long,
         env = "MESHCTL_AUTH",
-        default_value = "http://127.0.0.1:50052",
+        default_value = "https://127.0.0.1:50052",
         global = true
     )]
     auth: String,
     #[arg(
         long,
         env = "MESHCTL_BILLING",
-        default_value = "http://127.0.0.1:50053",
+        default_value = "https://127.0.0.1:50053",
         global = true
     )]
     billing: String,
     #[arg(
         long,
         env = "MESHCTL_ORDERS",
-        default_value = "http://127.0.0.1:50054",
+        default_value = "https://127.0.0.1:50054",
         global = true
     )]
     orders: String,
+    /// The mesh certificates (`meshctl certs`); calls present the operator's.
+    #[arg(
+        long,
+        env = "MESHCTL_CERTS_DIR",
+        default_value = crate::certs::DEFAULT_DIR,
+        global = true
+    )]
+    certs_dir: PathBuf,
+    /// An end user's access token (`meshctl login` prints one), sent with every call as
+    /// `authorization: Bearer <token>`. Where a method admits end users, the call then acts as
+    /// that user (their own data only), not as the operator whose certificate meshctl presents.
+    #[arg(long, env = "MESHCTL_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+}
+
+/// What every call goes through: the mesh stack, then the user's token, if any.
+type Channel = InterceptedService<MeshChannel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every request, when there is a token.
+#[derive(Clone)]
+struct Bearer(Option<AsciiMetadataValue>);
+
+impl Bearer {
+    fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        let Some(token) = token else {
+            return Ok(Self(None));
+        };
+        let mut value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
+            .context("--token must be printable ASCII (an access token from `meshctl login`)")?;
+        value.set_sensitive(true);
+        Ok(Self(Some(value)))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The operator's TLS material and the user's token, loaded once for the command's calls.
+struct Session {
+    tls: MeshTls,
+    bearer: Bearer,
+}
+
+impl Session {
+    fn open(targets: &Targets) -> anyhow::Result<Self> {
+        let dir = &targets.certs_dir;
+        let tls = MeshTls::load(&TlsConfig::in_dir(dir, OPERATOR)).with_context(|| {
+            format!(
+                "loading the operator's certificate from {} (run `meshctl certs` or `meshctl up` first, or pass --certs-dir)",
+                dir.display()
+            )
+        })?;
+        Ok(Self {
+            tls,
+            bearer: Bearer::new(targets.token.as_deref())?,
+        })
+    }
+
+    /// A mutual-TLS channel to `service` (its mesh name, which its certificate must carry).
+    fn channel(&self, endpoint: &str, service: &str) -> anyhow::Result<Channel> {
+        self.channel_with(ClientConfig::to(endpoint), service)
+    }
+
+    /// A watch lasts as long as the order is open, far beyond a unary call's default deadline.
+    fn watch_channel(&self, endpoint: &str, service: &str) -> anyhow::Result<Channel> {
+        /// An hour: a human watching an order gives up long before.
+        const WATCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3600);
+        let config = ClientConfig {
+            default_deadline: WATCH_DEADLINE,
+            ..ClientConfig::to(endpoint)
+        };
+        self.channel_with(config, service)
+    }
+
+    fn channel_with(&self, config: ClientConfig, service: &str) -> anyhow::Result<Channel> {
+        config.validate(service)?;
+        let channel = mesh::client::connect(&config, &self.tls, service)?;
+        Ok(InterceptedService::new(channel, self.bearer.clone()))
+    }
 }
 
 #[derive(Subcommand)]
@@ -113,17 +214,26 @@ pub enum JourneyCommand {
     },
 }
 
-fn channel(endpoint: &str) -> anyhow::Result<MeshChannel> {
-    let config = ClientConfig::to(endpoint);
-    config.validate("endpoint")?;
-    Ok(mesh::client::channel(&config)?)
-}
-
 fn fresh_key(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7())
 }
 
+impl JourneyCommand {
+    fn targets(&self) -> &Targets {
+        match self {
+            Self::Register { targets, .. }
+            | Self::Login { targets, .. }
+            | Self::TopUp { targets, .. }
+            | Self::Balance { targets, .. }
+            | Self::Order { targets, .. }
+            | Self::Watch { targets, .. }
+            | Self::Cancel { targets, .. } => targets,
+        }
+    }
+}
+
 pub async fn run(command: JourneyCommand) -> anyhow::Result<()> {
+    let session = Session::open(command.targets())?;
     match command {
         JourneyCommand::Register {
             email,
@@ -131,7 +241,7 @@ pub async fn run(command: JourneyCommand) -> anyhow::Result<()> {
             name,
             targets,
         } => {
-            let mut auth = AuthServiceClient::new(channel(&targets.auth)?);
+            let mut auth = AuthServiceClient::new(session.channel(&targets.auth, "auth")?);
             let response = auth
                 .register(RegisterRequest {
                     email,
@@ -148,7 +258,7 @@ pub async fn run(command: JourneyCommand) -> anyhow::Result<()> {
             password,
             targets,
         } => {
-            let mut auth = AuthServiceClient::new(channel(&targets.auth)?);
+            let mut auth = AuthServiceClient::new(session.channel(&targets.auth, "auth")?);
             let response = auth
                 .login(LoginRequest { email, password })
                 .await
@@ -168,7 +278,8 @@ pub async fn run(command: JourneyCommand) -> anyhow::Result<()> {
             key,
             targets,
         } => {
-            let mut billing = BillingServiceClient::new(channel(&targets.billing)?);
+            let mut billing =
+                BillingServiceClient::new(session.channel(&targets.billing, "billing")?);
             let response = billing
                 .top_up(TopUpRequest {
                     user_id: user,
@@ -189,7 +300,8 @@ pub async fn run(command: JourneyCommand) -> anyhow::Result<()> {
             }
         }
         JourneyCommand::Balance { user, targets } => {
-            let mut billing = BillingServiceClient::new(channel(&targets.billing)?);
+            let mut billing =
+                BillingServiceClient::new(session.channel(&targets.billing, "billing")?);
             let account = billing
                 .get_account(GetAccountRequest { user_id: user })
                 .await
@@ -211,7 +323,7 @@ pub async fn run(command: JourneyCommand) -> anyhow::Result<()> {
                 .iter()
                 .map(|item| parse_item(item, &currency))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let mut orders = OrderServiceClient::new(channel(&targets.orders)?);
+            let mut orders = OrderServiceClient::new(session.channel(&targets.orders, "orders")?);
             let order = orders
                 .create_order(CreateOrderRequest {
                     user_id: user,
@@ -227,7 +339,8 @@ pub async fn run(command: JourneyCommand) -> anyhow::Result<()> {
             }
         }
         JourneyCommand::Watch { order, targets } => {
-            let mut orders = OrderServiceClient::new(watch_channel(&targets.orders)?);
+            let mut orders =
+                OrderServiceClient::new(session.watch_channel(&targets.orders, "orders")?);
             let mut stream = orders
                 .watch_order(WatchOrderRequest { id: order })
                 .await
@@ -240,7 +353,7 @@ pub async fn run(command: JourneyCommand) -> anyhow::Result<()> {
             }
         }
         JourneyCommand::Cancel { order, targets } => {
-            let mut orders = OrderServiceClient::new(channel(&targets.orders)?);
+            let mut orders = OrderServiceClient::new(session.channel(&targets.orders, "orders")?);
             let order = orders
                 .cancel_order(CancelOrderRequest { id: order })
                 .await
@@ -253,18 +366,6 @@ pub async fn run(command: JourneyCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A watch lasts as long as the order is open, far beyond a unary call's default deadline.
-fn watch_channel(endpoint: &str) -> anyhow::Result<MeshChannel> {
-    /// An hour: a human watching an order gives up long before.
-    const WATCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3600);
-    let config = ClientConfig {
-        default_deadline: WATCH_DEADLINE,
-        ..ClientConfig::to(endpoint)
-    };
-    config.validate("endpoint")?;
-    Ok(mesh::client::channel(&config)?)
 }
 
 /// `sku:quantity:unit_price_minor`.
@@ -310,4 +411,35 @@ fn print_order(order: &Order) {
         print!(" ({})", order.failure_reason);
     }
     println!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_sent_as_a_bearer_authorization() -> anyhow::Result<()> {
+        let request =
+            Bearer::new(Some("header.claims.signature"))?.call(tonic::Request::new(()))?;
+        assert_eq!(
+            request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok()),
+            Some("Bearer header.claims.signature")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn without_a_token_no_authorization_is_sent() -> anyhow::Result<()> {
+        let request = Bearer::new(None)?.call(tonic::Request::new(()))?;
+        assert!(request.metadata().get("authorization").is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn a_token_that_cannot_be_a_header_is_refused() {
+        assert!(Bearer::new(Some("line\nbreak")).is_err());
+    }
 }

@@ -1,6 +1,8 @@
-//! `meshctl`: runs the local mesh (`meshctl up`) and walks the user journey (register, login,
-//! top up, order, watch, cancel) through the generated Rust client.
+//! `meshctl`: writes the development certificates (`meshctl certs`), runs the local mesh
+//! (`meshctl up`) and walks the user journey (register, login, top up, order, watch, cancel)
+//! through the generated Rust client, over mutual TLS as the operator.
 
+mod certs;
 mod journey;
 mod up;
 
@@ -19,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write the development CA and certificates (services and operator) where missing.
+    Certs(certs::CertsArgs),
     /// Start every service locally (users twice), wait until all are SERVING, stop on Ctrl-C.
     Up(up::UpArgs),
     #[command(flatten)]
@@ -29,6 +33,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     mesh::telemetry::init("meshctl");
     match Cli::parse().command {
+        Command::Certs(args) => certs::run(args),
         Command::Up(args) => up::run(args).await,
         Command::Journey(command) => journey::run(command).await,
     }

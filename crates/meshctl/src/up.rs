@@ -1,8 +1,10 @@
-//! `meshctl up`: the local mesh. Starts each service binary (found beside `meshctl`) as its own
-//! process on the embedded defaults (SQLite files under the data directory), users with two
-//! replicas so balancing is visible, waits until each reports SERVING through `grpc.health.v1`,
-//! prints grpcurl commands that work, and on Ctrl-C / SIGTERM stops them all with SIGTERM (then
-//! SIGKILL after a grace period). If a service dies, the whole mesh is stopped.
+//! `meshctl up`: the local mesh. Writes the development PKI if it is missing (`meshctl certs`),
+//! starts each service binary (found beside `meshctl`) as its own process on the embedded
+//! defaults (SQLite files under the data directory, its own certificate, mutual TLS to its
+//! downstreams), users with two replicas so balancing is visible, waits until each reports
+//! SERVING through `grpc.health.v1` (asked over mutual TLS as the operator), prints grpcurl
+//! commands that work, and on Ctrl-C / SIGTERM stops them all with SIGTERM (then SIGKILL after a
+//! grace period). If a service dies, the whole mesh is stopped.
 
 use std::{
     net::SocketAddr,
@@ -12,6 +14,11 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use mesh::{
+    config::ClientConfig,
+    pki::OPERATOR,
+    tls::{DEFAULT_TRUST_DOMAIN, MeshTls, TlsConfig},
+};
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -38,13 +45,17 @@ pub struct UpArgs {
     /// Where the service binaries are; defaults to meshctl's own directory.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Where the mesh certificates are; written there first if missing (as `meshctl certs`).
+    #[arg(long, default_value = crate::certs::DEFAULT_DIR)]
+    certs_dir: PathBuf,
 }
 
 /// One process of the local mesh.
 struct Instance {
     /// Name in logs, e.g. `users-2`.
     name: &'static str,
-    /// The binary (a service package's name).
+    /// The binary: a service package's name, which is also its name in the mesh (its identity,
+    /// its certificate's file name, the name clients expect the server to present).
     binary: &'static str,
     addr: SocketAddr,
     /// The gRPC service health is asked about, and that grpcurl calls.
@@ -101,8 +112,10 @@ fn instances() -> anyhow::Result<Vec<Instance>> {
     ])
 }
 
-/// The environment that configures one instance: its port, its database, its downstreams.
-fn environment(instance: &Instance, data_dir: &Path) -> Vec<(String, String)> {
+/// The environment that configures one instance: its port, its database, its certificate, its
+/// downstreams.
+fn environment(instance: &Instance, data_dir: &Path, certs_dir: &Path) -> Vec<(String, String)> {
+    let tls = TlsConfig::in_dir(certs_dir, instance.binary);
     let mut env = vec![
         (
             "MESHWORK_SERVER__LISTEN_ADDR".to_owned(),
@@ -112,16 +125,35 @@ fn environment(instance: &Instance, data_dir: &Path) -> Vec<(String, String)> {
             "MESHWORK_DATABASE__URL".to_owned(),
             format!("sqlite://{}/{}.db", data_dir.display(), instance.binary),
         ),
+        (
+            "MESHWORK_TLS__CERT_FILE".to_owned(),
+            tls.cert_file.display().to_string(),
+        ),
+        (
+            "MESHWORK_TLS__KEY_FILE".to_owned(),
+            tls.key_file.display().to_string(),
+        ),
+        (
+            "MESHWORK_TLS__CA_FILE".to_owned(),
+            tls.ca_file.display().to_string(),
+        ),
     ];
-    let users = format!(r#"["http://{USERS_1}","http://{USERS_2}"]"#);
+    let users = format!(r#"["https://{USERS_1}","https://{USERS_2}"]"#);
+    // Users, billing and orders verify end users' tokens against auth's key set.
+    let auth = (
+        "MESHWORK_AUTH__ENDPOINTS".to_owned(),
+        format!(r#"["https://{AUTH}"]"#),
+    );
     match instance.binary {
         "auth" => env.push(("MESHWORK_USERS__ENDPOINTS".to_owned(), users)),
+        "users" | "billing" => env.push(auth),
         "orders" => {
             env.push(("MESHWORK_USERS__ENDPOINTS".to_owned(), users));
             env.push((
                 "MESHWORK_BILLING__ENDPOINTS".to_owned(),
-                format!(r#"["http://{BILLING}"]"#),
+                format!(r#"["https://{BILLING}"]"#),
             ));
+            env.push(auth);
         }
         _ => {}
     }
@@ -143,15 +175,40 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .data_dir
         .canonicalize()
         .with_context(|| format!("resolving {}", args.data_dir.display()))?;
+    let pki = crate::certs::ensure(
+        &args.certs_dir,
+        DEFAULT_TRUST_DOMAIN,
+        crate::certs::DEFAULT_NAMESPACE,
+    )?;
+    if pki.new_ca || !pki.issued.is_empty() {
+        println!(
+            "meshwork: wrote mesh certificates to {} (meshctl certs)",
+            pki.dir.display()
+        );
+    }
+    let operator = MeshTls::load(&TlsConfig::in_dir(&pki.dir, OPERATOR)).with_context(|| {
+        format!(
+            "loading the operator's certificate from {}",
+            pki.dir.display()
+        )
+    })?;
 
     let instances = instances()?;
     let mut children: Vec<(&'static str, Child)> = Vec::new();
-    let started = start_all(&instances, &bin_dir, &data_dir, &mut children).await;
+    let started = start_all(
+        &instances,
+        &bin_dir,
+        &data_dir,
+        &pki.dir,
+        &operator,
+        &mut children,
+    )
+    .await;
     if let Err(error) = started {
         stop_all(&mut children).await;
         return Err(error);
     }
-    print_commands(&instances);
+    print_commands(&instances, &pki.dir);
     println!("{READY_LINE}");
 
     let outcome = tokio::select! {
@@ -166,6 +223,8 @@ async fn start_all(
     instances: &[Instance],
     bin_dir: &Path,
     data_dir: &Path,
+    certs_dir: &Path,
+    operator: &MeshTls,
     children: &mut Vec<(&'static str, Child)>,
 ) -> anyhow::Result<()> {
     for instance in instances {
@@ -177,7 +236,7 @@ async fn start_all(
             );
         }
         let mut child = Command::new(&binary)
-            .envs(environment(instance, data_dir))
+            .envs(environment(instance, data_dir, certs_dir))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -185,7 +244,7 @@ async fn start_all(
             .with_context(|| format!("starting {}", binary.display()))?;
         forward_output(instance.name, &mut child);
         children.push((instance.name, child));
-        wait_serving(instance)
+        wait_serving(instance, operator)
             .await
             .with_context(|| format!("{} did not become ready", instance.name))?;
         println!("meshwork: {} SERVING on {}", instance.name, instance.addr);
@@ -213,31 +272,32 @@ fn forward_output(name: &'static str, child: &mut Child) {
     }
 }
 
-/// Polls `grpc.health.v1` until the instance's service reports SERVING.
-async fn wait_serving(instance: &Instance) -> anyhow::Result<()> {
-    let uri = format!("http://{}", instance.addr);
+/// Polls `grpc.health.v1` over mutual TLS, as the operator, until the instance's service
+/// reports SERVING.
+async fn wait_serving(instance: &Instance, operator: &MeshTls) -> anyhow::Result<()> {
+    // The channel connects lazily and reconnects on the next call after a failure, so one
+    // channel serves every poll, including those made before the port is open.
+    let config = ClientConfig::to(format!("https://{}", instance.addr));
+    let mut health = HealthClient::new(mesh::client::connect(&config, operator, instance.binary)?);
+    let mut last = String::from("no answer yet");
     let poll = async {
         loop {
-            if let Ok(channel) = tonic::transport::Endpoint::from_shared(uri.clone())?
-                .connect()
-                .await
-            {
-                let mut health = HealthClient::new(channel);
-                let request = HealthCheckRequest {
-                    service: instance.service.to_owned(),
-                };
-                if let Ok(response) = health.check(request).await
-                    && response.into_inner().status() == ServingStatus::Serving
-                {
-                    return anyhow::Ok(());
+            let request = HealthCheckRequest {
+                service: instance.service.to_owned(),
+            };
+            match health.check(request).await {
+                Ok(response) if response.get_ref().status() == ServingStatus::Serving => {
+                    return;
                 }
+                Ok(response) => last = format!("{:?}", response.get_ref().status()),
+                Err(status) => last = status.to_string(),
             }
+            tracing::debug!(instance = instance.name, %last, "not SERVING yet");
             tokio::time::sleep(READY_POLL).await;
         }
     };
-    tokio::time::timeout(READY_TIMEOUT, poll)
-        .await
-        .with_context(|| format!("no SERVING within {READY_TIMEOUT:?}"))?
+    let outcome = tokio::time::timeout(READY_TIMEOUT, poll).await;
+    outcome.map_err(|_| anyhow::anyhow!("no SERVING within {READY_TIMEOUT:?} (last: {last})"))
 }
 
 /// Resolves with a description of the first child that exits.
@@ -275,25 +335,28 @@ async fn stop_all(children: &mut [(&'static str, Child)]) {
     }
 }
 
-fn print_commands(instances: &[Instance]) {
+fn print_commands(instances: &[Instance], certs_dir: &Path) {
+    let tls = crate::certs::grpcurl_flags(certs_dir);
     println!();
-    println!("The mesh is up. Try it with grpcurl (reflection is on, no .proto files needed):");
+    println!("The mesh is up. Every port speaks mutual TLS only; grpcurl presents the operator's");
+    println!("certificate (admitted by every service). Reflection is on, no .proto files needed:");
     println!();
     for instance in instances {
-        println!("  # {} ({})", instance.name, instance.service);
-        println!("  grpcurl -plaintext {} list", instance.addr);
+        // `localhost`: the name the development certificates carry for grpcurl to verify.
+        let addr = format!("localhost:{}", instance.addr.port());
         println!(
-            "  grpcurl -plaintext {} describe {}",
-            instance.addr, instance.service
+            "  # {} ({}) on {}",
+            instance.name, instance.service, instance.addr
         );
-        println!(
-            "  grpcurl -plaintext {} {}",
-            instance.addr, instance.example
-        );
+        println!("  grpcurl {tls} {addr} list");
+        println!("  grpcurl {tls} {addr} describe {}", instance.service);
+        println!("  grpcurl {tls} {addr} {}", instance.example);
         println!();
     }
     println!(
-        "Or walk the journey: meshctl register --email ada@example.com --password 'correct horse'"
+        "Or walk the journey as the operator: meshctl register --certs-dir {} --email ada@example.com --password 'correct horse'",
+        certs_dir.display()
     );
+    println!("(then --token <access token from meshctl login> to act as that user)");
     println!("Press Ctrl-C to stop every service.");
 }
