@@ -1,14 +1,20 @@
-//! The orders service assembled: database, clients to users and billing, the gRPC server and the
-//! recovery task. Tests, `meshctl up` and the binary all start it through [`App`].
+//! The orders service assembled: its mesh TLS identity, database, clients to users and billing
+//! (and to auth, for the keys that verify end users' tokens), the gRPC server behind the
+//! authorization layer, and the recovery task. Tests, `meshctl up` and the binary all start it
+//! through [`App`].
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use mesh::{
+    authz::{AuthzLayer, TokenVerifier},
     client::ClientError,
+    jwt::JwksVerifier,
     server::{MeshServer, ServerError},
     store::StoreError,
+    tls::{MeshTls, TlsError},
 };
 use meshwork::{
+    auth::v1::auth_service_client::AuthServiceClient,
     billing::v1::billing_service_client::BillingServiceClient,
     orders::v1::order_service_server::OrderServiceServer,
     users::v1::user_service_client::UserServiceClient,
@@ -27,6 +33,8 @@ pub enum AppError {
     Server(#[from] ServerError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error("mesh TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// The orders service, bound and ready to serve.
@@ -38,14 +46,24 @@ pub struct App {
 }
 
 impl App {
-    /// Opens (and migrates) the database, builds the clients (they connect lazily, so users and
-    /// billing need not be up yet) and binds the gRPC port.
+    /// Loads the mesh certificate, opens (and migrates) the database, builds the mutual-TLS
+    /// clients (they connect lazily, so users, billing and auth need not be up yet) and binds
+    /// the gRPC port (and the admin port, when configured).
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        let tls = MeshTls::load(&config.tls)?;
         let store = Store::open(&config.database).await?;
-        let users = UserServiceClient::new(mesh::client::channel(&config.users)?);
-        let billing = BillingServiceClient::new(mesh::client::channel(&config.billing)?);
+        let users = UserServiceClient::new(mesh::client::connect(&config.users, &tls, "users")?);
+        let billing =
+            BillingServiceClient::new(mesh::client::connect(&config.billing, &tls, "billing")?);
+        let auth = AuthServiceClient::new(mesh::client::connect(&config.auth, &tls, "auth")?);
+        let verifier: Arc<dyn TokenVerifier> = JwksVerifier::new(&config.tokens, auth);
         let saga = Saga::new(store.clone(), users, billing);
-        let server = MeshServer::bind(&config.server).await?;
+        let server = MeshServer::bind(&config.server)
+            .await?
+            .with_admin(&config.admin)
+            .await?
+            .with_tls(tls)
+            .with_authz(AuthzLayer::new(config.authz.clone(), Some(verifier)));
         Ok(Self {
             config,
             server,
@@ -57,6 +75,11 @@ impl App {
     /// The address the gRPC server listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.server.local_addr()
+    }
+
+    /// The plaintext admin port's address (health only), when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.server.admin_addr()
     }
 
     /// A handle to run a recovery sweep on demand (the background task sweeps on its own).

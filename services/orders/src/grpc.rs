@@ -1,7 +1,8 @@
-//! The OrderService gRPC handlers: decode and validate the request, hand it to the saga or the
-//! store, encode the answer. No decisions are made here.
+//! The OrderService gRPC handlers: decode and validate the request, check that the caller may
+//! touch the order (an end user only their own: the request's `user_id`, or the stored order's),
+//! hand it to the saga or the store, encode the answer. No other decisions are made here.
 
-use mesh::{pagination::Page, status::FieldViolations};
+use mesh::{authz::require_owner, pagination::Page, status::FieldViolations};
 use meshwork::orders::v1::{
     CancelOrderRequest, CancelOrderResponse, CreateOrderRequest, CreateOrderResponse,
     GetOrderRequest, GetOrderResponse, ListOrdersRequest, ListOrdersResponse, WatchOrderRequest,
@@ -59,6 +60,7 @@ impl OrderService for OrderApi {
         request: Request<CreateOrderRequest>,
     ) -> Result<Response<CreateOrderResponse>, Status> {
         let order = NewOrder::parse(request.get_ref())?;
+        require_owner(&request, order.user_id())?;
         let order = self.saga.create(order).await?;
         Ok(Response::new(CreateOrderResponse {
             order: Some(order.to_proto()),
@@ -70,6 +72,7 @@ impl OrderService for OrderApi {
         request: Request<GetOrderRequest>,
     ) -> Result<Response<GetOrderResponse>, Status> {
         let order = self.existing(&request.get_ref().id).await?;
+        require_owner(&request, &order.user_id)?;
         Ok(Response::new(GetOrderResponse {
             order: Some(order.to_proto()),
         }))
@@ -79,14 +82,19 @@ impl OrderService for OrderApi {
         &self,
         request: Request<ListOrdersRequest>,
     ) -> Result<Response<ListOrdersResponse>, Status> {
-        let request = request.into_inner();
+        let ListOrdersRequest {
+            user_id,
+            page_size,
+            page_token,
+        } = request.get_ref();
         let mut violations = FieldViolations::new();
-        if request.user_id.is_empty() {
+        if user_id.is_empty() {
             violations.add("user_id", "must not be empty");
         }
-        let page = Page::parse(request.page_size, &request.page_token, &mut violations);
+        let page = Page::parse(*page_size, page_token, &mut violations);
         violations.into_result()?;
-        let (orders, next_page_token) = self.store.list_by_user(&request.user_id, &page).await?;
+        require_owner(&request, user_id)?;
+        let (orders, next_page_token) = self.store.list_by_user(user_id, &page).await?;
         Ok(Response::new(ListOrdersResponse {
             orders: orders.iter().map(Order::to_proto).collect(),
             next_page_token,
@@ -97,9 +105,9 @@ impl OrderService for OrderApi {
         &self,
         request: Request<CancelOrderRequest>,
     ) -> Result<Response<CancelOrderResponse>, Status> {
-        let id = &request.get_ref().id;
-        require(id, "id")?;
-        let order = self.saga.cancel(id).await?;
+        let order = self.existing(&request.get_ref().id).await?;
+        require_owner(&request, &order.user_id)?;
+        let order = self.saga.cancel(&order.id).await?;
         Ok(Response::new(CancelOrderResponse {
             order: Some(order.to_proto()),
         }))
@@ -112,6 +120,7 @@ impl OrderService for OrderApi {
         request: Request<WatchOrderRequest>,
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
         let order = self.existing(&request.get_ref().id).await?;
+        require_owner(&request, &order.user_id)?;
         Ok(Response::new(order_watch::start(
             self.store.clone(),
             order,

@@ -276,7 +276,9 @@ fn describe(status: &tonic::Status) -> String {
 
 #[cfg(test)]
 mod tests {
-    use mesh::config::{ClientConfig, ServerConfig};
+    use std::net::SocketAddr;
+
+    use mesh::{config::ServerConfig, testing::TestPki};
     use meshwork::{
         billing::v1::{GetAccountRequest, TopUpRequest},
         orders::v1::{CreateOrderRequest, OrderItem},
@@ -295,24 +297,30 @@ mod tests {
     #[tokio::test]
     async fn a_charge_that_loses_to_a_recorded_payment_failure_is_refunded() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
+        let pki = TestPki::new(dir.path())?;
         let billing_app = billing::App::build(billing::Config {
             server: ServerConfig::default(),
             database: mesh::store::testing::sqlite(dir.path(), "billing"),
+            tls: pki.config("billing"),
+            ..billing::Config::default()
         })
         .await?;
-        let billing_endpoint = ClientConfig::to(format!("http://{}", billing_app.local_addr()));
+        let billing_addr = billing_app.local_addr();
         let (_stop_billing, stopped) = oneshot::channel::<()>();
         tokio::spawn(billing_app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
-        let billing = BillingServiceClient::new(mesh::client::channel(&billing_endpoint)?);
+        // The saga calls billing as orders; the test tops up and reads the balance as the
+        // operator (billing admits orders only to charge and refund).
+        let billing =
+            BillingServiceClient::new(pki.channel_as("orders", billing_addr, "billing")?);
+        let operator = BillingServiceClient::new(pki.channel(billing_addr, "billing")?);
         // Never called here: the order is already stored.
-        let users = UserServiceClient::new(mesh::client::channel(&ClientConfig::to(
-            "http://127.0.0.1:1",
-        ))?);
+        let nowhere = SocketAddr::from(([127, 0, 0, 1], 1));
+        let users = UserServiceClient::new(pki.channel_as("orders", nowhere, "users")?);
         let store = Store::open(&mesh::store::testing::sqlite(dir.path(), "orders")).await?;
-        let saga = Saga::new(store.clone(), users, billing.clone());
-        billing
+        let saga = Saga::new(store.clone(), users, billing);
+        operator
             .clone()
             .top_up(TopUpRequest {
                 user_id: "u1".to_owned(),
@@ -344,7 +352,7 @@ mod tests {
         let settled = saga.settle(snapshot).await?;
 
         assert_eq!(settled.status, OrderStatus::PaymentFailed);
-        let account = billing
+        let account = operator
             .clone()
             .get_account(GetAccountRequest {
                 user_id: "u1".to_owned(),

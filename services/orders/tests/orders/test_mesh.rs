@@ -1,6 +1,8 @@
-//! `TestMesh`: users, billing and orders started in-process on ephemeral ports, each on its own
-//! SQLite database in one temporary directory, with ready clients and a few shorthands for the
-//! steps every test takes (a user, a top-up, a balance, an order request).
+//! `TestMesh`: users, auth, billing and orders started in-process on ephemeral ports, each on its
+//! own SQLite database in one temporary directory, speaking mutual TLS with certificates from a
+//! test CA in the same directory. It hands back ready clients (as the operator, whom every
+//! service admits) and a few shorthands for the steps every test takes (a user, a top-up, a
+//! balance, an order request).
 
 use std::{
     future::Future,
@@ -10,7 +12,11 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use mesh::config::{ClientConfig, DatabaseConfig, ServerConfig};
+use mesh::{
+    client::MeshChannel,
+    config::{AdminConfig, DatabaseConfig, ServerConfig},
+    testing::TestPki,
+};
 use meshwork::{
     billing::v1::{GetAccountRequest, TopUpRequest, billing_service_client::BillingServiceClient},
     common::v1::Money,
@@ -23,7 +29,7 @@ use meshwork::{
 use orders::{Recovery, RecoveryConfig};
 use tempfile::TempDir;
 use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
-use tonic::{Code, Streaming, transport::Channel};
+use tonic::{Code, Streaming};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -92,18 +98,35 @@ impl Server {
 
 /// A started orders server.
 pub struct OrdersServer {
-    pub client: OrderServiceClient<Channel>,
+    /// Its mesh port (mutual TLS only).
+    pub addr: SocketAddr,
+    /// Its plaintext admin port (health only).
+    pub admin_addr: SocketAddr,
+    /// A client calling it as the operator.
+    pub client: OrderServiceClient<MeshChannel>,
     pub recovery: Recovery,
     pub server: Server,
 }
 
+/// Where orders reaches the services it calls.
+#[derive(Debug, Clone, Copy)]
+struct Downstream {
+    users: SocketAddr,
+    billing: SocketAddr,
+    auth: SocketAddr,
+}
+
 pub struct TestMesh {
     dir: TempDir,
-    users_addr: SocketAddr,
-    billing_addr: SocketAddr,
-    pub users: UserServiceClient<Channel>,
-    pub billing: BillingServiceClient<Channel>,
-    pub orders: OrderServiceClient<Channel>,
+    /// The mesh's certificates: [`TestPki::channel_as`] calls a server as any service.
+    pub pki: TestPki,
+    downstream: Downstream,
+    pub users: UserServiceClient<MeshChannel>,
+    pub billing: BillingServiceClient<MeshChannel>,
+    pub orders: OrderServiceClient<MeshChannel>,
+    /// The first orders server's mesh and admin ports.
+    pub orders_addr: SocketAddr,
+    pub orders_admin_addr: SocketAddr,
     /// The first orders server's recovery.
     pub recovery: Recovery,
     servers: Vec<Server>,
@@ -117,6 +140,7 @@ impl TestMesh {
 
     pub async fn start_with(options: Options) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        let pki = TestPki::new(dir.path())?;
         let mut servers = Vec::new();
         let users_addr = if options.users_down {
             unused_port()?
@@ -124,29 +148,40 @@ impl TestMesh {
             let app = users::App::build(users::Config {
                 server: listening_on(loopback_port_zero()),
                 database: mesh::store::testing::sqlite(dir.path(), "users"),
+                tls: pki.config("users"),
+                ..users::Config::default()
             })
             .await?;
             let addr = app.local_addr();
             servers.push(Server::spawn(|stop| app.run_until_stopped(stop)));
-            wait_until_serving(addr).await?;
+            wait_until_serving(&pki, addr, "users").await?;
             addr
         };
+        let (auth_addr, auth) = start_auth(&dir, &pki, users_addr).await?;
+        servers.push(auth);
         let billing_addr = if options.billing_down {
             unused_port()?
         } else {
-            let (addr, server) = start_billing(&dir, loopback_port_zero()).await?;
+            let (addr, server) = start_billing(&dir, &pki, loopback_port_zero()).await?;
             servers.push(server);
             addr
         };
-        let orders = start_orders(&dir, users_addr, billing_addr).await?;
+        let downstream = Downstream {
+            users: users_addr,
+            billing: billing_addr,
+            auth: auth_addr,
+        };
+        let orders = start_orders(&dir, &pki, downstream).await?;
         servers.push(orders.server);
         Ok(Self {
-            users: UserServiceClient::new(lazy_channel(users_addr)?),
-            billing: BillingServiceClient::new(lazy_channel(billing_addr)?),
+            users: UserServiceClient::new(pki.channel(users_addr, "users")?),
+            billing: BillingServiceClient::new(pki.channel(billing_addr, "billing")?),
             orders: orders.client,
+            orders_addr: orders.addr,
+            orders_admin_addr: orders.admin_addr,
             recovery: orders.recovery,
-            users_addr,
-            billing_addr,
+            downstream,
+            pki,
             dir,
             servers,
         })
@@ -154,15 +189,15 @@ impl TestMesh {
 
     /// Starts billing on the port orders was configured with (after `billing_down`).
     pub async fn start_billing(&mut self) -> anyhow::Result<()> {
-        let (_, server) = start_billing(&self.dir, self.billing_addr).await?;
+        let (_, server) = start_billing(&self.dir, &self.pki, self.downstream.billing).await?;
         self.servers.push(server);
         Ok(())
     }
 
-    /// Another orders server sharing the first one's database, users and billing: a replica,
-    /// or a restart after a crash. Its recovery sweeps once at start.
+    /// Another orders server sharing the first one's database, users, billing and auth: a
+    /// replica, or a restart after a crash. Its recovery sweeps once at start.
     pub async fn start_orders_replica(&self) -> anyhow::Result<OrdersServer> {
-        start_orders(&self.dir, self.users_addr, self.billing_addr).await
+        start_orders(&self.dir, &self.pki, self.downstream).await
     }
 
     /// The orders database, to reach the store directly.
@@ -295,37 +330,74 @@ pub fn expect_code<T: std::fmt::Debug>(
     }
 }
 
-async fn start_billing(dir: &TempDir, addr: SocketAddr) -> anyhow::Result<(SocketAddr, Server)> {
-    let app = billing::App::build(billing::Config {
-        server: listening_on(addr),
-        database: mesh::store::testing::sqlite(dir.path(), "billing"),
+/// Auth, so that orders can fetch the keys that verify end users' tokens.
+async fn start_auth(
+    dir: &TempDir,
+    pki: &TestPki,
+    users_addr: SocketAddr,
+) -> anyhow::Result<(SocketAddr, Server)> {
+    let app = auth::App::build(auth::Config {
+        server: listening_on(loopback_port_zero()),
+        database: mesh::store::testing::sqlite(dir.path(), "auth"),
+        users: TestPki::client_config(users_addr),
+        tls: pki.config("auth"),
+        ..auth::Config::default()
     })
     .await?;
     let addr = app.local_addr();
     let server = Server::spawn(|stop| app.run_until_stopped(stop));
-    wait_until_serving(addr).await?;
+    wait_until_serving(pki, addr, "auth").await?;
+    Ok((addr, server))
+}
+
+async fn start_billing(
+    dir: &TempDir,
+    pki: &TestPki,
+    addr: SocketAddr,
+) -> anyhow::Result<(SocketAddr, Server)> {
+    let app = billing::App::build(billing::Config {
+        server: listening_on(addr),
+        database: mesh::store::testing::sqlite(dir.path(), "billing"),
+        tls: pki.config("billing"),
+        ..billing::Config::default()
+    })
+    .await?;
+    let addr = app.local_addr();
+    let server = Server::spawn(|stop| app.run_until_stopped(stop));
+    wait_until_serving(pki, addr, "billing").await?;
     Ok((addr, server))
 }
 
 async fn start_orders(
     dir: &TempDir,
-    users_addr: SocketAddr,
-    billing_addr: SocketAddr,
+    pki: &TestPki,
+    downstream: Downstream,
 ) -> anyhow::Result<OrdersServer> {
     let app = orders::App::build(orders::Config {
         server: listening_on(loopback_port_zero()),
+        admin: AdminConfig {
+            listen_addr: Some(loopback_port_zero()),
+        },
+        tls: pki.config("orders"),
         database: mesh::store::testing::sqlite(dir.path(), "orders"),
-        users: ClientConfig::to(format!("http://{users_addr}")),
-        billing: ClientConfig::to(format!("http://{billing_addr}")),
+        users: TestPki::client_config(downstream.users),
+        billing: TestPki::client_config(downstream.billing),
+        auth: TestPki::client_config(downstream.auth),
         recovery: on_demand_recovery(),
+        ..orders::Config::default()
     })
     .await?;
     let addr = app.local_addr();
+    let admin_addr = app
+        .admin_addr()
+        .context("orders was configured with an admin port")?;
     let recovery = app.recovery();
     let server = Server::spawn(|stop| app.run_until_stopped(stop));
-    wait_until_serving(addr).await?;
+    wait_until_serving(pki, addr, "orders").await?;
     Ok(OrdersServer {
-        client: OrderServiceClient::new(lazy_channel(addr)?),
+        addr,
+        admin_addr,
+        client: OrderServiceClient::new(pki.channel(addr, "orders")?),
         recovery,
         server,
     })
@@ -347,13 +419,9 @@ fn unused_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind(loopback_port_zero())?.local_addr()?)
 }
 
-fn lazy_channel(addr: SocketAddr) -> anyhow::Result<Channel> {
-    Ok(Channel::from_shared(format!("http://{addr}"))?.connect_lazy())
-}
-
-/// Waits until the server at `addr` reports SERVING (its database is up).
-async fn wait_until_serving(addr: SocketAddr) -> anyhow::Result<()> {
-    let mut health = HealthClient::new(lazy_channel(addr)?);
+/// Waits until `service`'s server at `addr` reports SERVING (its database is up).
+async fn wait_until_serving(pki: &TestPki, addr: SocketAddr, service: &str) -> anyhow::Result<()> {
+    let mut health = HealthClient::new(pki.channel(addr, service)?);
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
         let request = HealthCheckRequest {
