@@ -40,8 +40,16 @@ GRPC_SERVICES = {
     "billing": "meshwork.billing.v1.BillingService",
     "orders": "meshwork.orders.v1.OrderService",
 }
-# caller -> callee: the only service-to-service traffic there may be.
-CALL_GRAPH = {("auth", "users"), ("orders", "users"), ("orders", "billing")}
+# caller -> callee: the only service-to-service traffic there may be: the business calls, and
+# users, billing and orders fetching auth's public keys (GetJwks) to verify access tokens.
+CALL_GRAPH = {
+    ("auth", "users"),
+    ("orders", "users"),
+    ("orders", "billing"),
+    ("users", "auth"),
+    ("billing", "auth"),
+    ("orders", "auth"),
+}
 
 KUBE_VERSIONS = ("1.31.0", "1.32.0", "1.33.0", "1.34.0")
 # Custom resources: kubernetes-validate ships only the built-in kinds' schemas.

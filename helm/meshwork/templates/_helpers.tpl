@@ -7,12 +7,14 @@ Shared helpers. Most take a dict: (dict "root" $ "svc" "users").
 users auth billing orders
 {{- end }}
 
-{{/* Who calls whom (caller: [callees]): the only service-to-service traffic allowed. */}}
+{{/* Who calls whom (caller: [callees]): the only service-to-service traffic allowed. Besides
+     the business calls (auth -> users, orders -> users, orders -> billing), users, billing and
+     orders fetch auth's public keys (GetJwks) to verify end users' access tokens. */}}
 {{- define "meshwork.callGraph" -}}
-users: []
+users: [auth]
 auth: [users]
-billing: []
-orders: [users, billing]
+billing: [auth]
+orders: [users, billing, auth]
 {{- end }}
 
 {{/* The gRPC service each binary serves, for NOTES.txt. */}}
