@@ -293,7 +293,7 @@ def test_configuration_matches_the_runtime_contract(case: str) -> None:
             assert config["database"] == {"url": f"sqlite:///var/lib/meshwork/{svc}.db"}
         for callee in callees:
             host = f"{RELEASE}-{callee}-headless.{NAMESPACE}.svc.cluster.local"
-            assert config[callee] == {"endpoints": [f"https://{host}:{v['ports']['mesh']}"]}
+            assert config[callee] == {"endpoints": [f"dns://{host}:{v['ports']['mesh']}"]}
             r.named("Service", f"{RELEASE}-{callee}-headless")
 
         d = r.named("Deployment", f"{RELEASE}-{svc}")
@@ -408,7 +408,7 @@ def test_names_fit_with_the_longest_release_name() -> None:
         assert len(obj["metadata"]["name"]) <= limit, obj["metadata"]["name"]
     (auth_config,) = [c for c in r.of_kind("ConfigMap") if c["metadata"]["name"].endswith("-auth-config")]
     auth = tomllib.loads(auth_config["data"]["config.toml"])
-    host = auth["users"]["endpoints"][0].removeprefix("https://").split(".")[0]
+    host = auth["users"]["endpoints"][0].removeprefix("dns://").split(".")[0]
     assert host in {s["metadata"]["name"] for s in r.of_kind("Service")}
 
 

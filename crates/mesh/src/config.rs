@@ -79,6 +79,13 @@ where
 
 /// Largest gRPC message a server accepts by default (4 MiB, tonic's own default, made explicit).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Calls a server lets into its handlers at once by default. Well above what one replica's
+/// database pool (8 connections) can work through without queueing, so that it only sheds when
+/// it is truly saturated; well below what makes a replica run out of memory or file descriptors.
+pub const DEFAULT_MAX_CONCURRENT_CALLS: usize = 256;
+/// HTTP/2 streams one client connection may have open at once by default: room for every
+/// admitted call plus long-lived server streams (WatchOrder), while bounding one peer's share.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
 
 /// How a service's gRPC server listens.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,6 +101,11 @@ pub struct ServerConfig {
     /// Upper bound on any call's processing time, whatever `grpc-timeout` the caller sent.
     #[serde(with = "humantime_serde")]
     pub max_call_duration: Duration,
+    /// Calls in the handlers at once, across all connections; a call beyond it is refused at
+    /// once with UNAVAILABLE, marked as not processed (health and reflection are exempt).
+    pub max_concurrent_calls: usize,
+    /// HTTP/2 streams one connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_concurrent_streams: u32,
 }
 
 impl ServerConfig {
@@ -118,6 +130,18 @@ impl ServerConfig {
                 "must be greater than zero",
             ));
         }
+        if self.max_concurrent_calls == 0 {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.max_concurrent_calls"),
+                "must be at least 1",
+            ));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.max_concurrent_streams"),
+                "must be at least 1",
+            ));
+        }
         Ok(())
     }
 }
@@ -129,6 +153,8 @@ impl Default for ServerConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             drain_timeout: Duration::from_secs(10),
             max_call_duration: Duration::from_secs(60),
+            max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
         }
     }
 }
@@ -201,8 +227,11 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientConfig {
-    /// `https://host:port` URIs of the downstream's replicas (mutual TLS is the connector's job;
-    /// `http://` is accepted and means the same).
+    /// Where the downstream's replicas are, one entry per source (see [`crate::discovery`]):
+    /// - `https://host:port` (or `http://`, which means the same: mutual TLS is the connector's
+    ///   job): one endpoint; a host name is resolved by each connection attempt;
+    /// - `dns://host:port`: every address the name resolves to is an endpoint, re-resolved every
+    ///   `dns_refresh` (a Kubernetes headless Service gives one address per ready pod).
     pub endpoints: Vec<String>,
     /// How long establishing a connection to one endpoint may take.
     #[serde(with = "humantime_serde")]
@@ -210,6 +239,77 @@ pub struct ClientConfig {
     /// The deadline of a call that did not set one.
     #[serde(with = "humantime_serde")]
     pub default_deadline: Duration,
+    /// How often `dns://` endpoints are re-resolved (default 5s). Replicas that appear are added,
+    /// vanished ones removed; a failed or empty lookup keeps the previous addresses.
+    #[serde(with = "humantime_serde")]
+    pub dns_refresh: Duration,
+    /// Outlier ejection: when an endpoint stops receiving calls for a while (see [`crate::eject`]).
+    pub ejection: EjectionConfig,
+    /// Which failed calls are tried again, how often, and the budget that bounds retries (see
+    /// [`crate::retry`]).
+    pub retry: crate::retry::RetryConfig,
+}
+
+/// Outlier ejection of one client's endpoints: after `consecutive_failures` failed calls in a row
+/// (connection or transport errors, UNAVAILABLE), an endpoint is taken out of the balancer for
+/// `base_interval`, doubled for each further ejection without a success in between, up to
+/// `max_interval`; then one probe call decides whether it stays in. At most
+/// `max_ejected_percent` of the endpoints (rounded down) are out at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EjectionConfig {
+    /// Failures in a row that eject an endpoint (default 5; at least 1).
+    pub consecutive_failures: u32,
+    /// How long a first ejection lasts (default 1s).
+    #[serde(with = "humantime_serde")]
+    pub base_interval: Duration,
+    /// The longest an ejection lasts, however often it repeats (default 30s).
+    #[serde(with = "humantime_serde")]
+    pub max_interval: Duration,
+    /// Share of the endpoints, in percent, that may be ejected at once (default 50; 0 turns
+    /// ejection off). With 50, a single endpoint is never ejected: failing fast beats waiting.
+    pub max_ejected_percent: u8,
+}
+
+impl Default for EjectionConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_interval: Duration::from_secs(1),
+            max_interval: Duration::from_secs(30),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+impl EjectionConfig {
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        if self.consecutive_failures == 0 {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.consecutive_failures"),
+                "must be at least 1",
+            ));
+        }
+        if self.base_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.base_interval"),
+                "must be greater than zero",
+            ));
+        }
+        if self.max_interval < self.base_interval {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.max_interval"),
+                "must be at least base_interval",
+            ));
+        }
+        if self.max_ejected_percent > 100 {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.max_ejected_percent"),
+                "must be between 0 and 100",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl ClientConfig {
@@ -229,15 +329,8 @@ impl ClientConfig {
             ));
         }
         for endpoint in &self.endpoints {
-            let uri: http::Uri = endpoint.parse().map_err(|e| {
-                ConfigError::invalid(format!("{prefix}.endpoints"), format!("`{endpoint}`: {e}"))
-            })?;
-            if uri.scheme().is_none() || uri.authority().is_none() {
-                return Err(ConfigError::invalid(
-                    format!("{prefix}.endpoints"),
-                    format!("`{endpoint}` must look like https://host:port"),
-                ));
-            }
+            crate::discovery::Source::parse(endpoint)
+                .map_err(|e| ConfigError::invalid(format!("{prefix}.endpoints"), e.to_string()))?;
         }
         if self.default_deadline.is_zero() {
             return Err(ConfigError::invalid(
@@ -245,7 +338,14 @@ impl ClientConfig {
                 "must be greater than zero",
             ));
         }
-        Ok(())
+        if self.dns_refresh.is_zero() {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.dns_refresh"),
+                "must be greater than zero",
+            ));
+        }
+        self.ejection.validate(&format!("{prefix}.ejection"))?;
+        self.retry.validate(&format!("{prefix}.retry"))
     }
 }
 
@@ -255,6 +355,9 @@ impl Default for ClientConfig {
             endpoints: Vec::new(),
             connect_timeout: Duration::from_secs(2),
             default_deadline: Duration::from_secs(5),
+            dns_refresh: Duration::from_secs(5),
+            ejection: EjectionConfig::default(),
+            retry: crate::retry::RetryConfig::default(),
         }
     }
 }
@@ -317,6 +420,20 @@ mod tests {
     }
 
     #[test]
+    fn a_server_that_admits_no_calls_is_named() {
+        for key in ["max_concurrent_calls", "max_concurrent_streams"] {
+            let figment = Figment::from(Serialized::defaults(Sample::default()))
+                .merge(Toml::string(&format!("[server]\n{key} = 0")));
+            let err = from_figment::<Sample>(figment).err().map(|e| e.to_string());
+            assert!(
+                err.as_deref()
+                    .is_some_and(|e| e.contains(&format!("server.{key}"))),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_database_url_is_named() {
         let figment = Figment::from(Serialized::defaults(Sample::default()))
             .merge(Toml::string("[database]\nurl = \"mysql://x\""));
@@ -337,5 +454,56 @@ mod tests {
             assert_eq!(config.server.max_message_bytes, 2048);
             Ok(())
         });
+    }
+
+    /// Validates `toml` over a client's defaults, as the client of `users`.
+    fn client_config(toml: &str) -> Result<ClientConfig, String> {
+        let config: ClientConfig = Figment::from(Serialized::defaults(ClientConfig::to(
+            "https://127.0.0.1:50051",
+        )))
+        .merge(Toml::string(toml))
+        .extract()
+        .map_err(|e| e.to_string())?;
+        config.validate("users").map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn client_discovery_and_ejection_knobs_are_read_and_checked() {
+        let config = client_config(
+            "endpoints = [\"dns://users-headless:50051\", \"https://users:50051\"]\n\
+             dns_refresh = \"2s\"\n[ejection]\nconsecutive_failures = 3\nmax_interval = \"1m\"",
+        );
+        let config = config
+            .as_ref()
+            .map(|c| (c.dns_refresh, c.ejection.consecutive_failures));
+        assert_eq!(config, Ok((Duration::from_secs(2), 3)));
+        for (toml, key) in [
+            ("endpoints = [\"users:50051\"]", "users.endpoints"),
+            ("endpoints = [\"dns://users\"]", "users.endpoints"),
+            ("dns_refresh = \"0s\"", "users.dns_refresh"),
+            (
+                "[ejection]\nconsecutive_failures = 0",
+                "users.ejection.consecutive_failures",
+            ),
+            (
+                "[ejection]\nbase_interval = \"0s\"",
+                "users.ejection.base_interval",
+            ),
+            (
+                "[ejection]\nmax_interval = \"100ms\"",
+                "users.ejection.max_interval",
+            ),
+            (
+                "[ejection]\nmax_ejected_percent = 101",
+                "users.ejection.max_ejected_percent",
+            ),
+        ] {
+            let err = client_config(toml).err();
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains(key)),
+                "{toml}: {err:?}"
+            );
+        }
     }
 }

@@ -4,10 +4,26 @@
 //! - `grpc.health.v1`: NOT_SERVING until the service's readiness check (its database) passes,
 //!   re-checked periodically, and NOT_SERVING again as soon as shutdown begins;
 //! - gRPC reflection, both `v1` and `v1alpha` (grpcurl 1.8 speaks only v1alpha);
-//! - `grpc-timeout` honoured (tonic cancels the handler when it passes), capped by
-//!   `max_call_duration`;
-//! - graceful shutdown: on the signal, health flips, new connections stop, in-flight calls get
-//!   `drain_timeout` to finish.
+//! - `grpc-timeout` honoured, capped by `max_call_duration`: the handler runs in its deadline's
+//!   scope and is stopped with DEADLINE_EXCEEDED when it passes ([`crate::deadline`]);
+//! - a concurrency limit that sheds instead of queueing (`max_concurrent_calls`, see
+//!   [`crate::shed`]), and per connection HTTP/2 `max_concurrent_streams` and keepalive PINGs;
+//! - graceful shutdown (drain), in this order on the signal: new calls are refused as not
+//!   processed (UNAVAILABLE + [`crate::retry::NOT_PROCESSED_HEADER`], so callers retry
+//!   elsewhere), health turns NOT_SERVING, the listener closes (new connections are refused),
+//!   every connection gets an HTTP/2 GOAWAY, and in-flight calls get `drain_timeout` to finish;
+//!   then `serve` returns, even if some are still running (a long-lived server stream holds its
+//!   connection, hence the drain, until it ends: a service ends its streams on shutdown, as
+//!   orders' WatchOrder does);
+//! - a line at INFO every [`CALL_REPORT_INTERVAL`] in which calls were served ("served N calls
+//!   in the last 10s"), enough to see load spread across replicas until the service exports
+//!   metrics.
+//!
+//! Why refuse calls during drain when GOAWAY exists: HTTP/2's graceful GOAWAY first announces
+//! the last stream id as 2^31-1 and only narrows it one round trip later, so calls the client
+//! sends in that window are accepted by the transport. Started, they would lengthen the drain and
+//! be cut by the exit if they outlast it; refused as not processed, they are safely retried on
+//! another replica.
 //!
 //! ```text
 //! let server = MeshServer::bind(&config.server).await?;
@@ -21,7 +37,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::service::Routes;
 use tonic_health::{
     ServingStatus,
@@ -32,8 +48,11 @@ use tonic_health::{
 use crate::{
     authz::AuthzLayer,
     config::{AdminConfig, ServerConfig},
+    deadline::InboundDeadlineLayer,
+    shed::{CallCounts, ShedLayer},
     tls::MeshTls,
-    transport::tls_incoming,
+    trace::ServerTraceLayer,
+    transport::{TlsConnection, tls_incoming},
 };
 
 type ServeFuture =
@@ -45,6 +64,9 @@ const READINESS_RECHECK: Duration = Duration::from_secs(5);
 /// Interval and timeout of HTTP/2 PINGs that detect dead peers on idle connections.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the number of calls served is logged (when it is not zero): often enough to watch
+/// load move between replicas, rarely enough not to flood the log.
+pub const CALL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A check that the service can do its work (typically: its database answers).
 pub type Readiness = Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>;
@@ -160,30 +182,10 @@ impl MeshServer {
             readiness,
             stop_rx.clone(),
         ));
+        let stop_watcher = watcher.abort_handle();
 
-        let drain_timeout = self.config.drain_timeout;
-        let graceful = {
-            let reporter = reporter.clone();
-            let names = names.clone();
-            async move {
-                shutdown.await;
-                let _ = stop_tx.send(true);
-                set_all(&reporter, &names, ServingStatus::NotServing).await;
-                tracing::info!(?drain_timeout, "draining in-flight calls");
-            }
-        };
-
-        let router = tonic::transport::Server::builder()
-            .layer(tower::util::option_layer(self.authz))
-            .timeout(self.config.max_call_duration)
-            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-            .tcp_nodelay(true)
-            .add_routes(routes)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
-        let mut background = Vec::new();
+        let shed = ShedLayer::new(self.config.max_concurrent_calls);
+        let mut background = vec![tokio::spawn(report_calls(shed.clone()))];
         if let Some((listener, addr)) = self.admin {
             tracing::info!(%addr, "serving health on the plaintext admin port");
             let admin = tonic::transport::Server::builder()
@@ -197,17 +199,65 @@ impl MeshServer {
                 }
             }));
         }
-        let serving: ServeFuture = match self.tls {
+
+        // Outermost first, as DESIGN.md orders the server side: (TLS and peer identity are the
+        // incoming connections') -> authorization -> deadline -> concurrency limit and shedding
+        // -> handler. tonic's own `timeout`, around all of them, is a backstop that answers
+        // CANCELLED; the deadline layer answers DEADLINE_EXCEEDED just before it.
+        let router = tonic::transport::Server::builder()
+            .layer(ServerTraceLayer::new())
+            .layer(tower::util::option_layer(self.authz))
+            .layer(InboundDeadlineLayer::new(self.config.max_call_duration))
+            .layer(shed.clone())
+            .timeout(self.config.max_call_duration)
+            .max_concurrent_streams(Some(self.config.max_concurrent_streams))
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .tcp_nodelay(true)
+            .add_routes(routes)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+
+        // With TLS the listener belongs to the acceptor task: stopping it closes the port.
+        let (incoming, acceptor) = match self.tls {
             Some(tls) => {
                 tracing::info!(addr = %self.local_addr, identity = %tls.identity(), "serving gRPC over mutual TLS");
                 background.push(tls.watch());
                 let (incoming, acceptor) = tls_incoming(self.listener, tls);
-                background.push(acceptor);
-                Box::pin(router.serve_with_incoming_shutdown(incoming, graceful))
+                (Incoming::Tls(incoming), Some(acceptor))
             }
             None => {
                 tracing::info!(addr = %self.local_addr, "serving plaintext gRPC");
-                let incoming = TcpListenerStream::new(self.listener);
+                (Incoming::Plain(TcpListenerStream::new(self.listener)), None)
+            }
+        };
+        let stop_accepting = acceptor.as_ref().map(|task| task.abort_handle());
+        background.extend(acceptor);
+
+        let drain_timeout = self.config.drain_timeout;
+        // Resolving hands over to tonic, which stops accepting and sends every connection GOAWAY.
+        let graceful = {
+            let reporter = reporter.clone();
+            let names = names.clone();
+            async move {
+                shutdown.await;
+                shed.start_draining();
+                let _ = stop_tx.send(true);
+                // Once the watcher has stopped, nothing can set SERVING again.
+                let _ = watcher.await;
+                set_all(&reporter, &names, ServingStatus::NotServing).await;
+                if let Some(acceptor) = stop_accepting {
+                    acceptor.abort();
+                }
+                tracing::info!(?drain_timeout, "draining in-flight calls");
+            }
+        };
+        let serving: ServeFuture = match incoming {
+            Incoming::Tls(incoming) => {
+                Box::pin(router.serve_with_incoming_shutdown(incoming, graceful))
+            }
+            Incoming::Plain(incoming) => {
                 Box::pin(router.serve_with_incoming_shutdown(incoming, graceful))
             }
         };
@@ -226,7 +276,7 @@ impl MeshServer {
                 Ok(())
             }
         };
-        watcher.abort();
+        stop_watcher.abort();
         for task in background {
             task.abort();
         }
@@ -240,19 +290,19 @@ async fn set_all(reporter: &HealthReporter, names: &[&'static str], status: Serv
     }
 }
 
-/// Keeps health in step with readiness until shutdown begins.
+/// Keeps health in step with readiness until shutdown begins; returns promptly once it has.
 async fn watch_readiness(
     reporter: HealthReporter,
     names: Vec<&'static str>,
     readiness: Readiness,
-    stop: tokio::sync::watch::Receiver<bool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut serving = false;
-    while !*stop.borrow() {
-        let ready = readiness().await;
-        if *stop.borrow() {
-            break;
-        }
+    loop {
+        let ready = tokio::select! {
+            ready = readiness() => ready,
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        };
         if ready != serving {
             let status = if ready {
                 ServingStatus::Serving
@@ -268,7 +318,42 @@ async fn watch_readiness(
         } else {
             READINESS_RETRY
         };
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+    }
+}
+
+/// Where connections come from: the mutual-TLS acceptor, or (outside the mesh) plain TCP.
+enum Incoming {
+    Tls(ReceiverStream<Result<TlsConnection, std::io::Error>>),
+    Plain(TcpListenerStream),
+}
+
+/// Logs, every [`CALL_REPORT_INTERVAL`] in which there were any, how many calls this server
+/// served and refused. Health and reflection are not counted (probes would drown the signal).
+async fn report_calls(shed: ShedLayer) {
+    let mut ticks = tokio::time::interval(CALL_REPORT_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate.
+    ticks.tick().await;
+    let mut last = shed.counts();
+    loop {
+        ticks.tick().await;
+        let now = shed.counts();
+        let calls = now.since(last);
+        if calls != CallCounts::default() {
+            let seconds = CALL_REPORT_INTERVAL.as_secs();
+            tracing::info!(
+                served = calls.admitted,
+                refused = calls.refused,
+                "served {} calls in the last {seconds}s (refused {})",
+                calls.admitted,
+                calls.refused,
+            );
+        }
+        last = now;
     }
 }
 
@@ -283,4 +368,82 @@ pub fn database_ready(pool: sqlx::AnyPool) -> Readiness {
         let pool = pool.clone();
         Box::pin(async move { crate::store::ping(&pool).await })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        convert::Infallible,
+        io::Write,
+        sync::{Arc, Mutex},
+    };
+
+    use http::{Request, Response};
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+
+    /// Log lines written by the subscriber under test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut captured) = self.0.lock() {
+                captured.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines_containing(&self, needle: &str) -> Vec<String> {
+            let captured = self.0.lock().map(|c| c.clone()).unwrap_or_default();
+            String::from_utf8_lossy(&captured)
+                .lines()
+                .filter(|line| line.contains(needle))
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_served_are_logged_once_per_interval_and_only_when_there_were_some() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+
+        let shed = ShedLayer::new(4);
+        let service = shed.layer(tower::service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+        let reporter = tokio::spawn(report_calls(shed.clone()));
+        // Let the reporter take its first reading.
+        tokio::task::yield_now().await;
+        for _ in 0..3 {
+            let request = Request::builder()
+                .uri("/meshwork.users.v1.UserService/GetUser")
+                .body(())
+                .unwrap_or_default();
+            let _ = service.clone().oneshot(request).await;
+        }
+        // One interval with calls, then a quiet one (waiting for time to pass is the point).
+        tokio::time::sleep(CALL_REPORT_INTERVAL * 2 + Duration::from_millis(1)).await;
+        reporter.abort();
+
+        let lines = captured.lines_containing("calls in the last");
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("served 3 calls in the last 10s"),
+            "{lines:?}"
+        );
+    }
 }

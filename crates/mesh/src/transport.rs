@@ -31,6 +31,8 @@ use crate::{
     tls::MeshTls,
 };
 
+/// A connection (TCP and TLS) that a client has not established by then has failed.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A client that has not finished its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a failed accept (e.g. out of file descriptors), pause before the next.
@@ -154,6 +156,8 @@ fn peer_identity(
 pub enum ConnectError {
     #[error("endpoint {0} has no host")]
     NoHost(Uri),
+    #[error("connecting to {target} took longer than {timeout:?}")]
+    TimedOut { target: Uri, timeout: Duration },
     #[error("connecting to {addr}: {source}")]
     Tcp { addr: String, source: io::Error },
     #[error("TLS with {addr}: {source}")]
@@ -175,6 +179,10 @@ pub struct MeshConnector {
     tls: MeshTls,
     /// The downstream's service name: the TLS server name, and the identity it must present.
     service: String,
+    /// TCP and TLS together must finish within this. Enforced here rather than by tonic's
+    /// `Endpoint::connect_timeout`, so that a timeout is a connect error (never sent, safe to
+    /// retry) and not an anonymous one.
+    connect_timeout: Duration,
 }
 
 impl MeshConnector {
@@ -182,7 +190,14 @@ impl MeshConnector {
         Self {
             tls,
             service: service.to_owned(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
+    }
+
+    /// Bounds TCP connect plus TLS handshake.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
     }
 }
 
@@ -199,7 +214,9 @@ impl tower::Service<Uri> for MeshConnector {
         let connector = tokio_rustls::TlsConnector::from(self.tls.client_config());
         let trust_domain = self.tls.trust_domain().to_owned();
         let service = self.service.clone();
-        Box::pin(async move {
+        let timeout = self.connect_timeout;
+        let target = uri.clone();
+        let attempt = async move {
             let host = uri
                 .host()
                 .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
@@ -239,6 +256,11 @@ impl tower::Service<Uri> for MeshConnector {
                 .into());
             }
             Ok(TokioIo::new(stream))
+        };
+        Box::pin(async move {
+            tokio::time::timeout(timeout, attempt)
+                .await
+                .unwrap_or_else(|_| Err(ConnectError::TimedOut { target, timeout }.into()))
         })
     }
 }

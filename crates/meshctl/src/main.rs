@@ -3,7 +3,9 @@
 //! through the generated Rust client, over mutual TLS as the operator.
 
 mod certs;
+mod collector;
 mod journey;
+mod trace;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -25,16 +27,21 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Start every service locally (users twice), wait until all are SERVING, stop on Ctrl-C.
     Up(up::UpArgs),
+    /// Show the last traces `meshctl up` received, as trees of spans with their durations.
+    Trace(trace::TraceArgs),
     #[command(flatten)]
     Journey(journey::JourneyCommand),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    mesh::telemetry::init("meshctl");
-    match Cli::parse().command {
+    let telemetry = mesh::telemetry::init("meshctl");
+    let outcome = match Cli::parse().command {
         Command::Certs(args) => certs::run(args),
         Command::Up(args) => up::run(args).await,
+        Command::Trace(args) => trace::run(args),
         Command::Journey(command) => journey::run(command).await,
-    }
+    };
+    telemetry.shutdown();
+    outcome
 }

@@ -5,6 +5,10 @@
 //! SERVING through `grpc.health.v1` (asked over mutual TLS as the operator), prints grpcurl
 //! commands that work, and on Ctrl-C / SIGTERM stops them all with SIGTERM (then SIGKILL after a
 //! grace period). If a service dies, the whole mesh is stopped.
+//!
+//! Traces: unless `--otlp-endpoint` names a collector of the user's, `meshctl up` runs a small
+//! OTLP receiver of its own ([`crate::collector`]) and points every service at it, sampling
+//! every trace, so that `meshctl trace` can show the last ones.
 
 use std::{
     net::SocketAddr,
@@ -28,6 +32,8 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+use crate::collector::Collector;
+
 /// How long each service gets to report SERVING after it was started.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Between health polls while waiting.
@@ -36,11 +42,18 @@ const READY_POLL: Duration = Duration::from_millis(200);
 const STOP_GRACE: Duration = Duration::from_secs(15);
 /// Printed once every service is SERVING; scripts wait for it.
 pub const READY_LINE: &str = "meshwork: all services SERVING";
+/// Where the SQLite files (and the last traces) live by default.
+pub const DEFAULT_DATA_DIR: &str = ".meshwork/data";
+/// Locally every trace is kept: nobody is paying for the volume.
+const TRACES_SAMPLER: &str = "parentbased_always_on";
+/// How often the services send their finished spans, in milliseconds: soon enough that
+/// `meshctl trace` right after a call shows it whole (the SDK's default is 5 s).
+const TRACES_EXPORT_DELAY_MS: &str = "500";
 
 #[derive(clap::Args)]
 pub struct UpArgs {
-    /// Where the SQLite files live.
-    #[arg(long, default_value = ".meshwork/data")]
+    /// Where the SQLite files (and the last traces) live.
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
     /// Where the service binaries are; defaults to meshctl's own directory.
     #[arg(long)]
@@ -48,6 +61,16 @@ pub struct UpArgs {
     /// Where the mesh certificates are; written there first if missing (as `meshctl certs`).
     #[arg(long, default_value = crate::certs::DEFAULT_DIR)]
     certs_dir: PathBuf,
+    /// Send the services' traces to this OTLP/gRPC collector (`http://host:4317`) instead of
+    /// receiving them here (`meshctl trace` then has none: look in that collector).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Where the built-in trace receiver listens (plaintext OTLP/gRPC).
+    #[arg(long, default_value = crate::collector::DEFAULT_LISTEN)]
+    otlp_listen: SocketAddr,
+    /// How many of the last traces the built-in receiver keeps for `meshctl trace`.
+    #[arg(long, default_value_t = crate::collector::DEFAULT_KEPT)]
+    keep_traces: usize,
 }
 
 /// One process of the local mesh.
@@ -113,8 +136,13 @@ fn instances() -> anyhow::Result<Vec<Instance>> {
 }
 
 /// The environment that configures one instance: its port, its database, its certificate, its
-/// downstreams.
-fn environment(instance: &Instance, data_dir: &Path, certs_dir: &Path) -> Vec<(String, String)> {
+/// downstreams, where its traces go.
+fn environment(
+    instance: &Instance,
+    data_dir: &Path,
+    certs_dir: &Path,
+    otlp_endpoint: Option<&str>,
+) -> Vec<(String, String)> {
     let tls = TlsConfig::in_dir(certs_dir, instance.binary);
     let mut env = vec![
         (
@@ -138,6 +166,21 @@ fn environment(instance: &Instance, data_dir: &Path, certs_dir: &Path) -> Vec<(S
             tls.ca_file.display().to_string(),
         ),
     ];
+    if let Some(endpoint) = otlp_endpoint {
+        env.extend(
+            [
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+                ("OTEL_SERVICE_NAME", instance.binary),
+                (
+                    "OTEL_RESOURCE_ATTRIBUTES",
+                    &format!("service.instance.id={}", instance.name),
+                ),
+                ("OTEL_TRACES_SAMPLER", TRACES_SAMPLER),
+                ("OTEL_BSP_SCHEDULE_DELAY", TRACES_EXPORT_DELAY_MS),
+            ]
+            .map(|(key, value)| (key.to_owned(), value.to_owned())),
+        );
+    }
     let users = format!(r#"["https://{USERS_1}","https://{USERS_2}"]"#);
     // Users, billing and orders verify end users' tokens against auth's key set.
     let auth = (
@@ -193,6 +236,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         )
     })?;
 
+    let (collector, otlp_endpoint) = traces(
+        args.otlp_endpoint.as_deref(),
+        args.otlp_listen,
+        args.keep_traces,
+        &data_dir,
+    )
+    .await;
     let instances = instances()?;
     let mut children: Vec<(&'static str, Child)> = Vec::new();
     let started = start_all(
@@ -200,6 +250,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         &bin_dir,
         &data_dir,
         &pki.dir,
+        otlp_endpoint.as_deref(),
         &operator,
         &mut children,
     )
@@ -216,7 +267,43 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         exited = first_exit(&mut children) => Err(exited),
     };
     stop_all(&mut children).await;
+    // The services sent their last spans as they stopped.
+    if let Some(collector) = collector
+        && let Err(error) = collector.stop().await
+    {
+        eprintln!("meshwork: {error:#}");
+    }
     outcome
+}
+
+/// Where the services send their traces: the user's collector, else a receiver of our own.
+/// Without either the mesh runs all the same, untraced.
+async fn traces(
+    external: Option<&str>,
+    listen: SocketAddr,
+    kept: usize,
+    data_dir: &Path,
+) -> (Option<Collector>, Option<String>) {
+    if let Some(endpoint) = external {
+        println!("meshwork: the services send their traces to {endpoint}");
+        return (None, Some(endpoint.to_owned()));
+    }
+    match Collector::start(listen, data_dir, kept).await {
+        Ok(collector) => {
+            let endpoint = format!("http://{}", collector.addr());
+            println!(
+                "meshwork: receiving traces on {endpoint}; `meshctl trace` shows the last ones"
+            );
+            (Some(collector), Some(endpoint))
+        }
+        Err(error) => {
+            eprintln!(
+                "meshwork: running without traces: {error:#} (--otlp-endpoint uses a collector \
+                 that is already there, --otlp-listen another port)"
+            );
+            (None, None)
+        }
+    }
 }
 
 async fn start_all(
@@ -224,6 +311,7 @@ async fn start_all(
     bin_dir: &Path,
     data_dir: &Path,
     certs_dir: &Path,
+    otlp_endpoint: Option<&str>,
     operator: &MeshTls,
     children: &mut Vec<(&'static str, Child)>,
 ) -> anyhow::Result<()> {
@@ -236,7 +324,7 @@ async fn start_all(
             );
         }
         let mut child = Command::new(&binary)
-            .envs(environment(instance, data_dir, certs_dir))
+            .envs(environment(instance, data_dir, certs_dir, otlp_endpoint))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)

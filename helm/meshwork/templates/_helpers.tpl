@@ -77,9 +77,10 @@ spiffe://{{ .root.Values.trustDomain }}/ns/{{ .root.Release.Namespace }}/sa/{{ .
 {{- $explicit | default (printf "%s-%s-tls" (include "meshwork.prefix" .root) .svc) -}}
 {{- end }}
 
-{{/* https://<prefix>-<svc>-headless.<namespace>.svc.<clusterDomain>:<mesh port> */}}
+{{/* dns://<prefix>-<svc>-headless.<namespace>.svc.<clusterDomain>:<mesh port>: the client
+     re-resolves the headless Service (one address per ready pod) and balances across them. */}}
 {{- define "meshwork.endpoint" -}}
-https://{{ include "meshwork.prefix" .root }}-{{ .svc }}-headless.{{ .root.Release.Namespace }}.svc.{{ .root.Values.clusterDomain }}:{{ .root.Values.ports.mesh }}
+dns://{{ include "meshwork.prefix" .root }}-{{ .svc }}-headless.{{ .root.Release.Namespace }}.svc.{{ .root.Values.clusterDomain }}:{{ .root.Values.ports.mesh }}
 {{- end }}
 
 {{/* The DNS names a service's certificate carries (besides its SPIFFE URI). */}}

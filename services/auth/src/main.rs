@@ -5,11 +5,13 @@ use auth::{App, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    mesh::telemetry::init("auth");
+    // Flushes the last spans when dropped, however main ends.
+    let telemetry = mesh::telemetry::init("auth");
     let config: Config = mesh::config::load()?;
     App::build(config)
         .await?
         .run_until_stopped(mesh::shutdown::signal())
         .await?;
+    telemetry.shutdown();
     Ok(())
 }

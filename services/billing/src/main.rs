@@ -4,11 +4,13 @@ use billing::{App, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    mesh::telemetry::init("billing");
+    // Flushes the last spans when dropped, however main ends.
+    let telemetry = mesh::telemetry::init("billing");
     let config: Config = mesh::config::load()?;
     App::build(config)
         .await?
         .run_until_stopped(mesh::shutdown::signal())
         .await?;
+    telemetry.shutdown();
     Ok(())
 }

@@ -6,16 +6,24 @@
 //! (unreachable, deadline) the order stays PENDING and recovery charges it again later with the
 //! same key, so billing moves the money at most once however often the charge is sent.
 //! Cancelling refunds a paid order (key `order:<id>:refund`) before marking it CANCELLED.
+//!
+//! Each step runs in its own span (`saga.check_user`, `saga.persist_pending`, `saga.charge`,
+//! `saga.mark_paid` / `saga.mark_payment_failed`, `saga.refund`, `saga.mark_cancelled`), and
+//! each store call in a database span inside it, so a trace shows where an order spent its time.
 
 use std::time::Duration;
 
-use mesh::client::MeshChannel;
+use mesh::{
+    client::MeshChannel,
+    trace::{DbSystem, db_span},
+};
 use meshwork::{
     billing::v1::{ChargeRequest, RefundRequest, billing_service_client::BillingServiceClient},
     common::v1::Money,
     users::v1::{GetUserRequest, user_service_client::UserServiceClient},
 };
 use tonic::Code;
+use tracing::{Instrument, Span, field::Empty};
 
 use crate::{
     domain::{NewOrder, Order, OrderStatus},
@@ -26,6 +34,8 @@ use crate::{
 /// Most PENDING orders one query of a sweep loads; a sweep keeps going batch after batch, so
 /// this only bounds memory.
 const SWEEP_BATCH: i64 = 100;
+/// The orders table, as database spans name it.
+const ORDERS_TABLE: &str = "orders";
 
 /// How billing answered a charge.
 #[derive(Debug)]
@@ -61,6 +71,8 @@ pub struct SweepReport {
 #[derive(Clone)]
 pub struct Saga {
     store: Store,
+    /// The store's database, for its spans.
+    db: DbSystem,
     users: UserServiceClient<MeshChannel>,
     billing: BillingServiceClient<MeshChannel>,
 }
@@ -72,10 +84,16 @@ impl Saga {
         billing: BillingServiceClient<MeshChannel>,
     ) -> Self {
         Self {
+            db: DbSystem::of(store.pool()),
             store,
             users,
             billing,
         }
+    }
+
+    /// The span of one store call, inside the current step's.
+    fn query(&self, operation: &'static str) -> Span {
+        db_span(self.db, operation, ORDERS_TABLE)
     }
 
     /// Places `order`: a repeated idempotency key returns the order first placed with it
@@ -84,12 +102,13 @@ impl Saga {
         if let Some(existing) = self
             .store
             .find_by_key(order.user_id(), order.idempotency_key())
+            .instrument(self.query("SELECT"))
             .await?
         {
             return self.resume(existing).await;
         }
         self.check_user(order.user_id()).await?;
-        match self.store.insert_pending(&order).await? {
+        match self.persist_pending(&order).await? {
             Inserted::Created(order) => self.settle(order).await,
             Inserted::Existing(existing) => self.resume(existing).await,
         }
@@ -103,6 +122,7 @@ impl Saga {
         }
     }
 
+    #[tracing::instrument(name = "saga.check_user", skip_all, fields(user.id = user_id))]
     async fn check_user(&self, user_id: &str) -> Result<(), DomainError> {
         let request = GetUserRequest {
             id: user_id.to_owned(),
@@ -117,6 +137,14 @@ impl Saga {
         }
     }
 
+    #[tracing::instrument(name = "saga.persist_pending", skip_all)]
+    async fn persist_pending(&self, order: &NewOrder) -> Result<Inserted, DomainError> {
+        self.store
+            .insert_pending(order)
+            .instrument(self.query("INSERT"))
+            .await
+    }
+
     /// Charges a PENDING order and records the outcome; leaves it PENDING when the outcome is
     /// unknown. Returns the order as stored afterwards.
     pub async fn settle(&self, order: Order) -> Result<Order, DomainError> {
@@ -129,7 +157,6 @@ impl Saga {
             }
         };
         let moved = self
-            .store
             .transition(&order.id, OrderStatus::Pending, &transition)
             .await?;
         let current = self.current(&order.id).await?;
@@ -146,7 +173,23 @@ impl Saga {
         Ok(current)
     }
 
+    #[tracing::instrument(
+        name = "saga.charge",
+        skip_all,
+        fields(order.id = %order.id, charge.outcome = Empty)
+    )]
     async fn charge(&self, order: &Order) -> Charge {
+        let charge = self.ask_billing(order).await;
+        let outcome = match &charge {
+            Charge::Paid { .. } => "paid",
+            Charge::Declined { .. } => "declined",
+            Charge::Unsettled { .. } => "unsettled",
+        };
+        Span::current().record("charge.outcome", outcome);
+        charge
+    }
+
+    async fn ask_billing(&self, order: &Order) -> Charge {
         if order.total_minor == 0 {
             return Charge::Paid { payment_id: None };
         }
@@ -204,6 +247,7 @@ impl Saga {
         }
     }
 
+    #[tracing::instrument(name = "saga.refund", skip_all, fields(order.id = %order.id))]
     async fn refund(&self, order: &Order, payment_id: &str) -> Result<(), DomainError> {
         let request = RefundRequest {
             payment_id: payment_id.to_owned(),
@@ -222,10 +266,32 @@ impl Saga {
     async fn mark_cancelled(&self, order: Order) -> Result<Order, DomainError> {
         // From PAID or PAYMENT_FAILED the only move is to CANCELLED, so when this loses a race
         // the order is CANCELLED all the same.
-        self.store
-            .transition(&order.id, order.status, &Transition::Cancelled)
+        self.transition(&order.id, order.status, &Transition::Cancelled)
             .await?;
         self.current(&order.id).await
+    }
+
+    /// Moves order `id` from `from` as `transition` says, in the span of that step; whether it
+    /// moved.
+    async fn transition(
+        &self,
+        id: &str,
+        from: OrderStatus,
+        transition: &Transition,
+    ) -> Result<bool, DomainError> {
+        let step = match transition {
+            Transition::Paid { .. } => tracing::info_span!("saga.mark_paid", order.id = id),
+            Transition::PaymentFailed { .. } => {
+                tracing::info_span!("saga.mark_payment_failed", order.id = id)
+            }
+            Transition::Cancelled => tracing::info_span!("saga.mark_cancelled", order.id = id),
+        };
+        let query = step.in_scope(|| self.query("UPDATE"));
+        self.store
+            .transition(id, from, transition)
+            .instrument(query)
+            .instrument(step)
+            .await
     }
 
     /// Resumes every order PENDING for at least `min_age`: charges it again with its own key
@@ -239,6 +305,7 @@ impl Saga {
             let batch = self
                 .store
                 .pending_created_by(created_by, SWEEP_BATCH)
+                .instrument(self.query("SELECT"))
                 .await?;
             let full = i64::try_from(batch.len()).is_ok_and(|n| n == SWEEP_BATCH);
             let mut orders = batch.into_iter();
@@ -264,6 +331,7 @@ impl Saga {
     async fn current(&self, id: &str) -> Result<Order, DomainError> {
         self.store
             .get(id)
+            .instrument(self.query("SELECT"))
             .await?
             .ok_or_else(|| DomainError::OrderNotFound(id.to_owned()))
     }

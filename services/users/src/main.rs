@@ -5,11 +5,13 @@ use users::{App, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    mesh::telemetry::init("users");
+    // Flushes the last spans when dropped, however main ends.
+    let telemetry = mesh::telemetry::init("users");
     let config: Config = mesh::config::load()?;
     App::build(config)
         .await?
         .run_until_stopped(mesh::shutdown::signal())
         .await?;
+    telemetry.shutdown();
     Ok(())
 }
