@@ -159,6 +159,13 @@ impl Saga {
         let moved = self
             .transition(&order.id, OrderStatus::Pending, &transition)
             .await?;
+        match &transition {
+            Transition::Paid { .. } if moved => tracing::info!(order_id = %order.id, "order paid"),
+            Transition::PaymentFailed { reason } if moved => {
+                tracing::info!(order_id = %order.id, %reason, "order payment failed");
+            }
+            _ => {}
+        }
         let current = self.current(&order.id).await?;
         if !moved
             && let Transition::Paid {
