@@ -33,10 +33,20 @@ enum Command {
     Journey(journey::JourneyCommand),
 }
 
+/// The log filter of the one-shot commands (unless `RUST_LOG` says otherwise).
+const QUIET_FILTER: &str = "warn";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let telemetry = mesh::telemetry::init("meshctl");
-    let outcome = match Cli::parse().command {
+    let cli = Cli::parse();
+    // `up` reports what it runs; the one-shot commands print their answer and only problems.
+    let telemetry = match (&cli.command, std::env::var_os("RUST_LOG")) {
+        (Command::Up(_), _) | (_, Some(_)) => mesh::telemetry::init("meshctl"),
+        _ => mesh::telemetry::Telemetry::from_env("meshctl")
+            .with_filter(QUIET_FILTER)
+            .init(),
+    };
+    let outcome = match cli.command {
         Command::Certs(args) => certs::run(args),
         Command::Up(args) => up::run(args).await,
         Command::Trace(args) => trace::run(args),
