@@ -2,12 +2,15 @@
 //! through the mesh client stack, outermost first:
 //!
 //! 1. tracing: a client span, its context sent on as `traceparent` ([`crate::trace`]);
-//! 2. deadline: a default per call, never more than what is left of the call being served, sent
+//! 2. metrics: calls by method and status code, and their duration, retries included
+//!    ([`crate::metrics`], like the retry and ejection counters below, in the process's
+//!    [`crate::metrics::global`] registry under `target` = the service's name);
+//! 3. deadline: a default per call, never more than what is left of the call being served, sent
 //!    on as `grpc-timeout` ([`crate::deadline`]);
-//! 3. retries where safe, within a budget, with jittered backoff ([`crate::retry`]);
-//! 4. balancing: power of two choices over PeakEWMA latency across the endpoints that discovery
+//! 4. retries where safe, within a budget, with jittered backoff ([`crate::retry`]);
+//! 5. balancing: power of two choices over PeakEWMA latency across the endpoints that discovery
 //!    reports ([`crate::discovery`]), which join and leave while the client runs;
-//! 5. per endpoint: outlier ejection ([`crate::eject`]), and one lazily (re)connecting HTTP/2
+//! 6. per endpoint: outlier ejection ([`crate::eject`]), and one lazily (re)connecting HTTP/2
 //!    connection with a connect timeout, over mutual TLS that checks the server is the service
 //!    we meant ([`crate::transport`]).
 //!
@@ -41,6 +44,7 @@ use crate::{
     deadline::DeadlineLayer,
     discovery::{self, Address, Discovery, DiscoveryError},
     eject::{Eject, EjectionLayer},
+    metrics,
     retry::RetryLayer,
     tls::MeshTls,
     trace::ClientTraceLayer,
@@ -155,10 +159,11 @@ fn stack(
     discovery: Discovery,
     connect: impl Fn(Endpoint) -> Channel + Send + 'static,
 ) -> Result<MeshChannel, ClientError> {
+    let metrics = metrics::global().target(service);
     // One retry layer (so one budget) per downstream service.
-    let retry = RetryLayer::new(&config.retry)?;
+    let retry = RetryLayer::observed(&config.retry, metrics.retry())?;
     let service_name = service.to_owned();
-    let ejection = EjectionLayer::new(&config.ejection, service);
+    let ejection = EjectionLayer::observed(&config.ejection, service, metrics.ejection());
     let connect_timeout = config.connect_timeout;
     let service = service.to_owned();
     let endpoints = discovery.filter_map(move |change| {
@@ -186,6 +191,7 @@ fn stack(
     let inner = ServiceBuilder::new()
         .layer(BoxCloneSyncService::layer())
         .layer(ClientTraceLayer::new(&service_name))
+        .layer(metrics.layer())
         .layer(DeadlineLayer::new(config.default_deadline))
         // Inside the deadline (every attempt shares it), outside the balancer (each attempt is
         // balanced afresh, so it can land on another endpoint).

@@ -160,7 +160,8 @@ impl Default for ServerConfig {
 }
 
 /// The plaintext admin port: `grpc.health.v1` for the kubelet's probes (it has no mesh
-/// certificate) and nothing else. Off unless an address is given.
+/// certificate), and over HTTP/1.1 `/healthz` and `/metrics` (Prometheus text); nothing else.
+/// Off unless an address is given.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {

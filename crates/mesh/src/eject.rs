@@ -16,6 +16,10 @@
 //! ones, the ejected are let back early. Ejecting every endpoint would turn failures that are
 //! quick into waits for the deadline.
 //!
+//! A layer made with [`EjectionLayer::observed`] exports how many endpoints the balancer holds,
+//! how many are ejected, and how many ejections there were (`meshwork_client_endpoints`,
+//! `meshwork_client_ejected_endpoints`, `meshwork_client_ejections_total`).
+//!
 //! What it is not: a health checker (it only learns from real calls), or a retry.
 //!
 //! ```text
@@ -41,7 +45,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
-use crate::config::EjectionConfig;
+use crate::{config::EjectionConfig, metrics::EjectionMetrics};
 
 /// The response header carrying the gRPC status of a trailers-only response.
 const GRPC_STATUS: &str = "grpc-status";
@@ -66,6 +70,11 @@ impl std::fmt::Debug for EjectionLayer {
 impl EjectionLayer {
     /// The layer for the endpoints of one client of `service` (the name its logs give).
     pub fn new(config: &EjectionConfig, service: &str) -> Self {
+        Self::observed(config, service, EjectionMetrics::default())
+    }
+
+    /// The same, exporting the endpoints and their ejections into `metrics`.
+    pub fn observed(config: &EjectionConfig, service: &str, metrics: EjectionMetrics) -> Self {
         Self {
             policy: Arc::new(Policy {
                 service: Box::from(service),
@@ -73,7 +82,7 @@ impl EjectionLayer {
                 base_interval: config.base_interval,
                 max_interval: config.max_interval.max(config.base_interval),
                 max_ejected_percent: usize::from(config.max_ejected_percent.min(100)),
-                budget: Mutex::new(Budget::default()),
+                budget: Mutex::new(Budget::new(metrics)),
                 next_id: AtomicU64::new(0),
             }),
             endpoint: Arc::from(""),
@@ -94,7 +103,7 @@ impl<S> Layer<S> for EjectionLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         let id = self.policy.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.policy.budget).members += 1;
+        lock(&self.policy.budget).join();
         Eject {
             inner,
             id,
@@ -143,8 +152,7 @@ impl<S> Eject<S> {
                         let mut budget = lock(&self.policy.budget);
                         let over_budget = budget.over_budget(self.policy.max_ejected_percent);
                         if Instant::now() >= until || over_budget {
-                            budget.ejected = budget.ejected.saturating_sub(1);
-                            budget.waiting.remove(&self.id);
+                            budget.release(self.id);
                             health.state = State::Probing { in_flight: false };
                             tracing::info!(service = %self.policy.service, endpoint = %self.endpoint, early = over_budget, "ejection over; probing the endpoint");
                             return Poll::Ready(());
@@ -341,16 +349,41 @@ impl Policy {
     }
 }
 
-/// How many of a client's endpoints exist and how many are out.
-#[derive(Default)]
+/// How many of a client's endpoints exist and how many are out. Every change goes through its
+/// methods, which keep the exported gauges in step (by increments, since the channels of a
+/// process to one target share the series).
 struct Budget {
     members: usize,
     ejected: usize,
     /// Ejected endpoints waiting for their timer, woken early when the set shrinks.
     waiting: HashMap<u64, Waker>,
+    metrics: EjectionMetrics,
 }
 
 impl Budget {
+    fn new(metrics: EjectionMetrics) -> Self {
+        Self {
+            members: 0,
+            ejected: 0,
+            waiting: HashMap::new(),
+            metrics,
+        }
+    }
+
+    fn join(&mut self) {
+        self.members += 1;
+        self.metrics.endpoints.inc();
+    }
+
+    /// An ejected endpoint comes back (on probation).
+    fn release(&mut self, id: u64) {
+        if self.ejected > 0 {
+            self.ejected -= 1;
+            self.metrics.ejected.dec();
+        }
+        self.waiting.remove(&id);
+    }
+
     fn limit(&self, percent: usize) -> usize {
         self.members.saturating_mul(percent) / 100
     }
@@ -359,6 +392,8 @@ impl Budget {
         let room = self.ejected < self.limit(percent);
         if room {
             self.ejected += 1;
+            self.metrics.ejected.inc();
+            self.metrics.ejections.inc();
         }
         room
     }
@@ -368,9 +403,12 @@ impl Budget {
     }
 
     fn leave(&mut self, id: u64, was_ejected: bool, percent: usize) {
-        self.members = self.members.saturating_sub(1);
+        if self.members > 0 {
+            self.members -= 1;
+            self.metrics.endpoints.dec();
+        }
         if was_ejected {
-            self.ejected = self.ejected.saturating_sub(1);
+            self.release(id);
         }
         self.waiting.remove(&id);
         if self.over_budget(percent) {
@@ -616,6 +654,35 @@ mod tests {
         let mut endpoint = lone.layer(backend);
         call_n(&mut endpoint, 10).await;
         assert!(is_ready(&mut endpoint));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gauges_follow_the_endpoints_and_their_ejections() {
+        let metrics = EjectionMetrics::default();
+        let layer = EjectionLayer::observed(&config(1), "users", metrics.clone());
+        let backend = Backend::default();
+        let mut failing = layer.layer(backend.clone());
+        let others = [
+            layer.layer(Backend::default()),
+            layer.layer(Backend::default()),
+        ];
+        assert_eq!(metrics.endpoints.get(), 3);
+
+        backend.down.store(true, Ordering::SeqCst);
+        call_n(&mut failing, 1).await;
+        assert!(!is_ready(&mut failing));
+        assert_eq!((metrics.ejected.get(), metrics.ejections.get()), (1, 1));
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(is_ready(&mut failing), "back on probation");
+        assert_eq!(metrics.ejected.get(), 0);
+
+        call_n(&mut failing, 1).await;
+        assert_eq!((metrics.ejected.get(), metrics.ejections.get()), (1, 2));
+        drop(failing);
+        assert_eq!((metrics.endpoints.get(), metrics.ejected.get()), (2, 0));
+        drop(others);
+        assert_eq!(metrics.endpoints.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]

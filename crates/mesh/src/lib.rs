@@ -6,6 +6,7 @@
 //! - [`client`]: the one client channel builder (endpoints, connect timeout, deadlines);
 //! - [`deadline`]: deadlines in and out (the caller's remaining deadline bounds every outgoing
 //!   call) and the `grpc-timeout` codec;
+//! - [`metrics`]: what servers and clients count, served as Prometheus text on the admin port;
 //! - [`retry`]: retries where safe, with backoff and a retry budget;
 //! - [`store`]: opening SQLite or PostgreSQL and applying a service's migrations;
 //! - [`status`]: field violations and storage failures as gRPC statuses;
@@ -20,6 +21,7 @@ pub mod discovery;
 pub mod eject;
 pub mod identity;
 pub mod jwt;
+pub mod metrics;
 pub mod pagination;
 pub mod pki;
 pub mod retry;

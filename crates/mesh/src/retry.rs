@@ -15,7 +15,9 @@
 //! backoff with full jitter, and only while its deadline leaves time for another attempt. All
 //! calls of one client share one [`TpsBudget`]: every call deposits, every retry withdraws, so
 //! retries stay within `budget_ratio` of the calls over `budget_ttl`, plus a floor of
-//! `budget_min_per_sec` for clients that make few calls.
+//! `budget_min_per_sec` for clients that make few calls. A layer made with
+//! [`RetryLayer::observed`] counts its retries and the retries its budget refused
+//! (`meshwork_client_retries_total`, `meshwork_client_retry_budget_exhausted_total`).
 //!
 //! To be replayed, a request body must be held: a unary request's body (whatever the body has
 //! ready at once, up to `max_buffered_bytes`) is kept as `Bytes`. A larger body, or one that
@@ -59,6 +61,7 @@ use tower::{
 use crate::{
     config::ConfigError,
     deadline::{CallDeadline, GRPC_TIMEOUT, encode_timeout},
+    metrics::RetryMetrics,
 };
 
 /// Marks an UNAVAILABLE answer as given before any handler ran, so that even a method that is
@@ -270,6 +273,7 @@ struct Shared {
     backoff_max: Duration,
     max_buffered_bytes: usize,
     idempotent: IdempotentMethods,
+    metrics: RetryMetrics,
 }
 
 /// Retries safe failures within a budget shared by every service this layer makes (build one
@@ -282,6 +286,11 @@ pub struct RetryLayer {
 impl RetryLayer {
     /// Validates `config` (an error names the key under `retry`) and makes the shared budget.
     pub fn new(config: &RetryConfig) -> Result<Self, ConfigError> {
+        Self::observed(config, RetryMetrics::default())
+    }
+
+    /// The same, counting retries and budget refusals into `metrics`.
+    pub fn observed(config: &RetryConfig, metrics: RetryMetrics) -> Result<Self, ConfigError> {
         config.validate("retry")?;
         let idempotent = IdempotentMethods::parse(&config.idempotent_methods)
             .map_err(|reason| ConfigError::invalid("retry.idempotent_methods", reason))?;
@@ -297,6 +306,7 @@ impl RetryLayer {
                 backoff_max: config.backoff_max,
                 max_buffered_bytes: config.max_buffered_bytes,
                 idempotent,
+                metrics,
             }),
         })
     }
@@ -448,9 +458,11 @@ impl<B> Policy<Request<Body>, Response<B>, BoxError> for RetryPolicy {
                 .insert(GRPC_TIMEOUT, encode_timeout(deadline - resend_at));
         }
         if !self.shared.budget.withdraw() {
+            self.shared.metrics.budget_exhausted.inc();
             tracing::debug!(path = request.uri().path(), "retry budget exhausted");
             return None;
         }
+        self.shared.metrics.retries.inc();
         self.attempts += 1;
         tracing::debug!(
             path = request.uri().path(),
@@ -777,6 +789,36 @@ mod tests {
         // Retries did happen (up to the budget), and far fewer than without one.
         assert!(attempts > CALLS + floor, "{attempts} attempts");
         assert!(attempts < CALLS * DEFAULT_MAX_ATTEMPTS as usize);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_and_budget_refusals_are_counted() {
+        let config = RetryConfig {
+            budget_ratio: 0.0,
+            budget_min_per_sec: 1,
+            budget_ttl: Duration::from_secs(1),
+            ..RetryConfig::default()
+        };
+        let metrics = RetryMetrics::default();
+        let layer =
+            RetryLayer::observed(&config, metrics.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let downstream = Downstream::new(|_| Ok(unavailable()));
+        // The floor allows one retry in the (one second) window: the rest are refused.
+        for _ in 0..3 {
+            let _ = send(&layer, &downstream, request(GET_USER, b"x")).await;
+        }
+        let retries = metrics.retries.get();
+        let refused = metrics.budget_exhausted.get();
+        assert_eq!(
+            u64::try_from(downstream.attempts()).ok(),
+            Some(3 + retries),
+            "every retry counted"
+        );
+        assert_eq!(
+            (retries, refused),
+            (1, 3),
+            "one retry, then one refusal per call"
+        );
     }
 
     #[tokio::test(start_paused = true)]

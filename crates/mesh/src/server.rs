@@ -15,9 +15,15 @@
 //!   then `serve` returns, even if some are still running (a long-lived server stream holds its
 //!   connection, hence the drain, until it ends: a service ends its streams on shutdown, as
 //!   orders' WatchOrder does);
+//! - metrics of every call (requests by method and code, latency, calls in flight, shedding:
+//!   [`crate::metrics`]), outermost but for tracing;
+//! - an admin port, when configured ([`MeshServer::with_admin`]), in plaintext for the kubelet
+//!   (which has no mesh certificate): `grpc.health.v1` over HTTP/2 for its gRPC probes, and over
+//!   HTTP/1.1 `GET /metrics` (Prometheus text, or OpenMetrics when the scraper's `Accept` asks
+//!   for it, of the process's [`crate::metrics::global`] registry) and `GET /healthz` (200 while
+//!   SERVING, 503 otherwise);
 //! - a line at INFO every [`CALL_REPORT_INTERVAL`] in which calls were served ("served N calls
-//!   in the last 10s"), enough to see load spread across replicas until the service exports
-//!   metrics.
+//!   in the last 10s"), to see load spread across replicas in the logs alone.
 //!
 //! Why refuse calls during drain when GOAWAY exists: HTTP/2's graceful GOAWAY first announces
 //! the last stream id as 2^31-1 and only narrows it one round trip later, so calls the client
@@ -35,13 +41,18 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
+use axum::{response::IntoResponse, routing::get};
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::service::Routes;
 use tonic_health::{
     ServingStatus,
-    pb::health_server::HealthServer,
+    pb::{
+        HealthCheckRequest,
+        health_check_response::ServingStatus as CheckedStatus,
+        health_server::{Health, HealthServer},
+    },
     server::{HealthReporter, HealthService},
 };
 
@@ -49,6 +60,7 @@ use crate::{
     authz::AuthzLayer,
     config::{AdminConfig, ServerConfig},
     deadline::InboundDeadlineLayer,
+    metrics::{self, Format, Metrics},
     shed::{CallCounts, ShedLayer},
     tls::MeshTls,
     trace::ServerTraceLayer,
@@ -115,7 +127,8 @@ impl MeshServer {
         })
     }
 
-    /// Also serves health, in plaintext, on the admin address (if `admin` has one).
+    /// Also serves health and metrics, in plaintext, on the admin address (if `admin` has one):
+    /// see the module documentation.
     pub async fn with_admin(mut self, admin: &AdminConfig) -> Result<Self, ServerError> {
         if let Some(addr) = admin.listen_addr {
             let listener = TcpListener::bind(addr)
@@ -184,14 +197,15 @@ impl MeshServer {
         ));
         let stop_watcher = watcher.abort_handle();
 
-        let shed = ShedLayer::new(self.config.max_concurrent_calls);
+        let metrics = metrics::global();
+        let shed = ShedLayer::observed(self.config.max_concurrent_calls, metrics.shed());
         let mut background = vec![tokio::spawn(report_calls(shed.clone()))];
         if let Some((listener, addr)) = self.admin {
-            tracing::info!(%addr, "serving health on the plaintext admin port");
+            tracing::info!(%addr, "serving health and metrics on the plaintext admin port");
+            // HTTP/1.1 as well as HTTP/2: probes and scrapers speak the former, gRPC the latter.
             let admin = tonic::transport::Server::builder()
-                .add_service(HealthServer::new(HealthService::from_health_reporter(
-                    reporter.clone(),
-                )))
+                .accept_http1(true)
+                .add_routes(admin_routes(&reporter, metrics.clone()))
                 .serve_with_incoming(TcpListenerStream::new(listener));
             background.push(tokio::spawn(async move {
                 if let Err(error) = admin.await {
@@ -201,11 +215,14 @@ impl MeshServer {
         }
 
         // Outermost first, as DESIGN.md orders the server side: (TLS and peer identity are the
-        // incoming connections') -> authorization -> deadline -> concurrency limit and shedding
-        // -> handler. tonic's own `timeout`, around all of them, is a backstop that answers
-        // CANCELLED; the deadline layer answers DEADLINE_EXCEEDED just before it.
+        // incoming connections') -> tracing -> metrics -> authorization -> deadline ->
+        // concurrency limit and shedding -> handler. Metrics sit outside authorization and
+        // shedding so that refused calls are counted with their codes. tonic's own `timeout`,
+        // around all of them, is a backstop that answers CANCELLED; the deadline layer answers
+        // DEADLINE_EXCEEDED just before it.
         let router = tonic::transport::Server::builder()
             .layer(ServerTraceLayer::new())
+            .layer(metrics.server_layer())
             .layer(tower::util::option_layer(self.authz))
             .layer(InboundDeadlineLayer::new(self.config.max_call_duration))
             .layer(shed.clone())
@@ -281,6 +298,46 @@ impl MeshServer {
             task.abort();
         }
         result
+    }
+}
+
+/// The admin port's routes: gRPC health, `/healthz` and `/metrics`.
+fn admin_routes(reporter: &HealthReporter, metrics: Metrics) -> Routes {
+    let health = Arc::new(HealthService::from_health_reporter(reporter.clone()));
+    let healthz = move || {
+        let health = Arc::clone(&health);
+        async move { healthz(&health).await }
+    };
+    let scrape = move |headers: http::HeaderMap| {
+        let accept = headers
+            .get(http::header::ACCEPT)
+            .and_then(|value| value.to_str().ok());
+        let format = Format::from_accept(accept);
+        let text = metrics.render(format);
+        std::future::ready(([(http::header::CONTENT_TYPE, format.content_type())], text))
+    };
+    let router = Routes::new(HealthServer::new(HealthService::from_health_reporter(
+        reporter.clone(),
+    )))
+    .into_axum_router()
+    .route("/healthz", get(healthz))
+    .route("/metrics", get(scrape));
+    Routes::from(router)
+}
+
+/// What the whole server's health (the empty service name) says, as HTTP.
+async fn healthz(health: &HealthService) -> impl IntoResponse + use<> {
+    let request = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    let serving = health
+        .check(request)
+        .await
+        .is_ok_and(|response| response.get_ref().status == CheckedStatus::Serving as i32);
+    if serving {
+        (http::StatusCode::OK, "SERVING\n")
+    } else {
+        (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
     }
 }
 
@@ -362,9 +419,12 @@ pub fn always_ready() -> Readiness {
     Arc::new(|| Box::pin(async { true }))
 }
 
-/// Readiness of a service backed by `pool`: the database answers.
+/// Readiness of a service backed by `pool`: the database answers. While the readiness is held
+/// (by the server, while it serves), the pool's connections are exported as metrics.
 pub fn database_ready(pool: sqlx::AnyPool) -> Readiness {
+    let watch = metrics::global().watch_pool(pool.clone());
     Arc::new(move || {
+        let _exported = &watch;
         let pool = pool.clone();
         Box::pin(async move { crate::store::ping(&pool).await })
     })

@@ -27,7 +27,8 @@
 //! - Health and reflection ([`NEVER_SHED`]) are never shed and take no permit: probes must keep
 //!   answering on an overloaded server (they are cheap, and only mesh identities reach them).
 //! - It counts the calls it admitted and refused ([`ShedLayer::counts`]), which the server logs
-//!   periodically.
+//!   periodically, and exports the refusals by reason (`meshwork_server_shed_total`, when made
+//!   with [`ShedLayer::observed`]).
 
 use std::{
     future::Future,
@@ -45,7 +46,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 use tower::{Layer, Service};
 
-use crate::retry::not_processed;
+use crate::{metrics::ShedMetrics, retry::not_processed};
 
 /// Services exempt from shedding: health and reflection.
 pub const NEVER_SHED: [&str; 3] = [
@@ -87,12 +88,18 @@ struct Shared {
     draining: AtomicBool,
     admitted: AtomicU64,
     refused: AtomicU64,
+    metrics: ShedMetrics,
 }
 
 impl ShedLayer {
     /// At most `max_concurrent_calls` calls in the handlers at once (at least one, and no more
     /// than a tokio semaphore can count).
     pub fn new(max_concurrent_calls: usize) -> Self {
+        Self::observed(max_concurrent_calls, ShedMetrics::default())
+    }
+
+    /// The same, counting its refusals into `metrics`.
+    pub fn observed(max_concurrent_calls: usize, metrics: ShedMetrics) -> Self {
         let permits = max_concurrent_calls.clamp(1, Semaphore::MAX_PERMITS);
         Self {
             shared: Arc::new(Shared {
@@ -100,6 +107,7 @@ impl ShedLayer {
                 draining: AtomicBool::new(false),
                 admitted: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
+                metrics,
             }),
         }
     }
@@ -160,22 +168,24 @@ where
         if never_shed(request.uri().path()) {
             return ResponseFuture::admitted(self.inner.call(request), None);
         }
+        let metrics = &self.shared.metrics;
         let permit = if self.shared.draining.load(Ordering::SeqCst) {
-            Err(DRAINING)
+            Err((DRAINING, &metrics.draining))
         } else {
             self.shared
                 .permits
                 .clone()
                 .try_acquire_owned()
-                .map_err(|_| OVERLOADED)
+                .map_err(|_| (OVERLOADED, &metrics.overloaded))
         };
         match permit {
             Ok(permit) => {
                 self.shared.admitted.fetch_add(1, Ordering::Relaxed);
                 ResponseFuture::admitted(self.inner.call(request), Some(permit))
             }
-            Err(reason) => {
+            Err((reason, refusals)) => {
                 self.shared.refused.fetch_add(1, Ordering::Relaxed);
+                refusals.inc();
                 tracing::debug!(method = request.uri().path(), reason, "call refused");
                 ResponseFuture::refused(not_processed(reason))
             }
@@ -377,6 +387,20 @@ mod tests {
         let health = service.clone().oneshot(request(HEALTH_CHECK)).await;
         assert!(health.is_ok_and(|r| r.body() == "handled"));
         assert!(matches!(in_flight.await, Ok(Ok(r)) if r.body() == "handled"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_exported_by_reason() {
+        let metrics = ShedMetrics::default();
+        let layer = ShedLayer::observed(1, metrics.clone());
+        let service = layer.layer(slow_handler());
+        let _busy = tokio::spawn(service.clone().oneshot(request(GET_USER)));
+        tokio::task::yield_now().await;
+        let _ = service.clone().oneshot(request(GET_USER)).await;
+        layer.start_draining();
+        let _ = service.clone().oneshot(request(GET_USER)).await;
+        let _ = service.clone().oneshot(request(GET_USER)).await;
+        assert_eq!((metrics.overloaded.get(), metrics.draining.get()), (1, 2));
     }
 
     #[test]

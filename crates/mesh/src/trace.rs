@@ -84,7 +84,7 @@ impl Side {
 
 /// `/package.Service/Method` as (`package.Service/Method`, `package.Service`, `Method`), borrowed
 /// from the path.
-fn rpc_names(path: &str) -> (&str, &str, &str) {
+pub(crate) fn rpc_names(path: &str) -> (&str, &str, &str) {
     let name = path.strip_prefix('/').unwrap_or(path);
     let (service, method) = name.rsplit_once('/').unwrap_or((name, ""));
     (name, service, method)
@@ -421,7 +421,7 @@ fn record(span: &Span, side: Side, code: Code, message: Option<&str>) {
 
 /// The code a failed call ends with: a status's own (the deadline layer's DEADLINE_EXCEEDED...),
 /// otherwise UNAVAILABLE, as for a downstream that could not be reached.
-fn code_of_error<E: 'static>(error: &E) -> Code {
+pub(crate) fn code_of_error<E: 'static>(error: &E) -> Code {
     let error: &dyn Any = error;
     let status = error.downcast_ref::<tonic::Status>().or_else(|| {
         error
@@ -432,7 +432,7 @@ fn code_of_error<E: 'static>(error: &E) -> Code {
 }
 
 /// The gRPC code of a response that is not gRPC, as the gRPC HTTP/2 mapping gives it.
-fn code_of_http_status(status: StatusCode) -> Code {
+pub(crate) fn code_of_http_status(status: StatusCode) -> Code {
     match status {
         StatusCode::BAD_REQUEST => Code::Internal,
         StatusCode::UNAUTHORIZED => Code::Unauthenticated,
