@@ -150,6 +150,10 @@ fn environment(
             instance.addr.to_string(),
         ),
         (
+            "MESHWORK_ADMIN__LISTEN_ADDR".to_owned(),
+            admin_addr(instance.addr).to_string(),
+        ),
+        (
             "MESHWORK_DATABASE__URL".to_owned(),
             format!("sqlite://{}/{}.db", data_dir.display(), instance.binary),
         ),
@@ -423,6 +427,13 @@ async fn stop_all(children: &mut [(&'static str, Child)]) {
     }
 }
 
+/// The plaintext admin port (health, `/metrics`) of the instance on `addr`: 50051 -> 9051.
+fn admin_addr(addr: SocketAddr) -> SocketAddr {
+    /// Mesh ports are 500xx; admin ports 90xx, the same last digits.
+    const MESH_TO_ADMIN: u16 = 50051 - 9051;
+    SocketAddr::new(addr.ip(), addr.port().saturating_sub(MESH_TO_ADMIN))
+}
+
 fn print_commands(instances: &[Instance], certs_dir: &Path) {
     let tls = crate::certs::grpcurl_flags(certs_dir);
     println!();
@@ -446,5 +457,11 @@ fn print_commands(instances: &[Instance], certs_dir: &Path) {
         certs_dir.display()
     );
     println!("(then --token <access token from meshctl login> to act as that user)");
+    let metrics: Vec<String> = instances
+        .iter()
+        .map(|i| format!("{}: curl -s http://{}/metrics", i.name, admin_addr(i.addr)))
+        .collect();
+    println!("Metrics (plaintext admin ports): {}", metrics.join("; "));
+    println!("Traces: meshctl trace --last 3");
     println!("Press Ctrl-C to stop every service.");
 }
