@@ -41,7 +41,7 @@ use tower::{
 
 use crate::{
     config::ClientConfig,
-    deadline::DeadlineLayer,
+    deadline::{DeadlineLayer, MethodDeadlines},
     discovery::{self, Address, Discovery, DiscoveryError},
     eject::{Eject, EjectionLayer},
     metrics,
@@ -192,7 +192,14 @@ fn stack(
         .layer(BoxCloneSyncService::layer())
         .layer(ClientTraceLayer::new(&service_name))
         .layer(metrics.layer())
-        .layer(DeadlineLayer::new(config.default_deadline))
+        .layer(DeadlineLayer::per_method(MethodDeadlines {
+            default: config.default_deadline,
+            methods: config
+                .method_deadlines
+                .iter()
+                .map(|(method, deadline)| (method.clone(), **deadline))
+                .collect(),
+        }))
         // Inside the deadline (every attempt shares it), outside the balancer (each attempt is
         // balanced afresh, so it can land on another endpoint).
         .layer(retry)

@@ -6,7 +6,7 @@
 //! The building blocks every service shares ([`ServerConfig`], [`DatabaseConfig`],
 //! [`ClientConfig`]) live here too, with their validation.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use figment::{
     Figment,
@@ -240,6 +240,9 @@ pub struct ClientConfig {
     /// The deadline of a call that did not set one.
     #[serde(with = "humantime_serde")]
     pub default_deadline: Duration,
+    /// Per-method deadlines (`"package.Service/Method" = "500ms"`) that replace
+    /// `default_deadline` for those methods.
+    pub method_deadlines: BTreeMap<String, humantime_serde::Serde<Duration>>,
     /// How often `dns://` endpoints are re-resolved (default 5s). Replicas that appear are added,
     /// vanished ones removed; a failed or empty lookup keeps the previous addresses.
     #[serde(with = "humantime_serde")]
@@ -345,6 +348,17 @@ impl ClientConfig {
                 "must be greater than zero",
             ));
         }
+        for (method, deadline) in &self.method_deadlines {
+            let well_formed = method
+                .split_once('/')
+                .is_some_and(|(service, name)| service.contains('.') && !name.is_empty());
+            if !well_formed || deadline.is_zero() {
+                return Err(ConfigError::invalid(
+                    format!("{prefix}.method_deadlines.\"{method}\""),
+                    "must map package.Service/Method to a duration greater than zero",
+                ));
+            }
+        }
         self.ejection.validate(&format!("{prefix}.ejection"))?;
         self.retry.validate(&format!("{prefix}.retry"))
     }
@@ -357,6 +371,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(2),
             default_deadline: Duration::from_secs(5),
             dns_refresh: Duration::from_secs(5),
+            method_deadlines: BTreeMap::new(),
             ejection: EjectionConfig::default(),
             retry: crate::retry::RetryConfig::default(),
         }
@@ -409,6 +424,28 @@ mod tests {
                 .is_some_and(|e| e.contains("server.listen_addr")),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn method_deadlines_are_read_and_checked() -> Result<(), Box<figment::Error>> {
+        let read = |toml: &str| {
+            Figment::from(Serialized::defaults(ClientConfig::to("https://h:1")))
+                .merge(Toml::string(toml))
+                .extract::<ClientConfig>()
+        };
+        let config = read("[method_deadlines]\n\"a.B/Watch\" = \"10m\"\n")?;
+        assert_eq!(
+            config.method_deadlines.get("a.B/Watch").map(|d| **d),
+            Some(Duration::from_secs(600))
+        );
+        assert!(config.validate("users").is_ok());
+        let bad = read("[method_deadlines]\n\"Watch\" = \"10m\"\n")?;
+        assert!(
+            bad.validate("users")
+                .err()
+                .is_some_and(|e| e.to_string().contains("users.method_deadlines"))
+        );
+        Ok(())
     }
 
     #[test]

@@ -23,8 +23,10 @@
 //! It also holds the `grpc-timeout` codec (the gRPC over HTTP/2 spec's `TimeoutValue TimeoutUnit`).
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -120,14 +122,41 @@ pub(crate) struct CallDeadline(pub(crate) Instant);
 
 /// Gives every outgoing call a deadline: its own or the default, never past the deadline of the
 /// call being served; sends it as `grpc-timeout` and enforces it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DeadlineLayer {
-    default: Duration,
+    defaults: Arc<MethodDeadlines>,
+}
+
+/// The deadline of a call that sets none: per method (`package.Service/Method`), else one default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodDeadlines {
+    pub default: Duration,
+    pub methods: BTreeMap<String, Duration>,
+}
+
+impl MethodDeadlines {
+    fn of(&self, path: &str) -> Duration {
+        self.methods
+            .get(path.trim_start_matches('/'))
+            .copied()
+            .unwrap_or(self.default)
+    }
 }
 
 impl DeadlineLayer {
+    /// One default deadline for every method.
     pub fn new(default: Duration) -> Self {
-        Self { default }
+        Self::per_method(MethodDeadlines {
+            default,
+            methods: BTreeMap::new(),
+        })
+    }
+
+    /// A default per method, falling back to `defaults.default`.
+    pub fn per_method(defaults: MethodDeadlines) -> Self {
+        Self {
+            defaults: Arc::new(defaults),
+        }
     }
 }
 
@@ -137,7 +166,7 @@ impl<S> Layer<S> for DeadlineLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Deadline {
             inner,
-            default: self.default,
+            defaults: self.defaults.clone(),
         }
     }
 }
@@ -146,7 +175,7 @@ impl<S> Layer<S> for DeadlineLayer {
 #[derive(Debug, Clone)]
 pub struct Deadline<S> {
     inner: S,
-    default: Duration,
+    defaults: Arc<MethodDeadlines>,
 }
 
 impl<S, B> Service<Request<B>> for Deadline<S>
@@ -168,7 +197,7 @@ where
             .headers()
             .get(GRPC_TIMEOUT)
             .and_then(decode_timeout)
-            .unwrap_or(self.default);
+            .unwrap_or_else(|| self.defaults.of(request.uri().path()));
         let mut deadline = after(now, own);
         if let Some(inbound) = current() {
             if inbound <= now {
@@ -419,6 +448,35 @@ mod tests {
             .insert(GRPC_TIMEOUT, HeaderValue::from_static("250m"));
         let sent = service.call(request).await.ok().flatten();
         assert_eq!(sent, Some(Duration::from_millis(250)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_method_with_its_own_default_gets_it_and_others_the_default() {
+        let echo = tower::service_fn(|request: Request<()>| async move {
+            Ok::<_, BoxError>(request.headers().get(GRPC_TIMEOUT).and_then(decode_timeout))
+        });
+        let mut service = DeadlineLayer::per_method(MethodDeadlines {
+            default: Duration::from_secs(1),
+            methods: BTreeMap::from([(
+                "meshwork.orders.v1.OrderService/WatchOrder".to_owned(),
+                Duration::from_secs(600),
+            )]),
+        })
+        .layer(echo);
+        let mut sent = Vec::new();
+        for path in [
+            "/meshwork.orders.v1.OrderService/WatchOrder",
+            "/meshwork.orders.v1.OrderService/GetOrder",
+        ] {
+            let request = Request::builder().uri(path).body(()).ok();
+            if let Some(request) = request {
+                sent.push(service.call(request).await.ok().flatten());
+            }
+        }
+        assert_eq!(
+            sent,
+            vec![Some(Duration::from_secs(600)), Some(Duration::from_secs(1))]
+        );
     }
 
     fn served(timeout: Option<&'static str>) -> Request<()> {
