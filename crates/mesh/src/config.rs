@@ -432,6 +432,7 @@ mod tests {
             Figment::from(Serialized::defaults(ClientConfig::to("https://h:1")))
                 .merge(Toml::string(toml))
                 .extract::<ClientConfig>()
+                .map_err(Box::new)
         };
         let config = read("[method_deadlines]\n\"a.B/Watch\" = \"10m\"\n")?;
         assert_eq!(
