@@ -11,6 +11,12 @@
 //! When the interval ends, one probe call is let through: a success puts the endpoint fully back
 //! (and resets its count and interval), a failure ejects it again for longer.
 //!
+//! A connection that cannot be made at all (refused, timed out: a replica that has exited or is
+//! draining, whose port is closed) ejects its endpoint at once, without waiting for
+//! `consecutive_failures`: until it listens again every call sent there fails the same way, in
+//! microseconds, which makes it the endpoint that looks least loaded to the balancer, so the
+//! retries of one call could all be drawn back to it.
+//!
 //! The endpoints of one client share a budget: at most `max_ejected_percent` of them (rounded
 //! down, so a lone endpoint never) are out at once, and when the set shrinks under the ejected
 //! ones, the ejected are let back early. Ejecting every endpoint would turn failures that are
@@ -178,6 +184,7 @@ impl<S> Eject<S> {
 impl<S, Req, B> Service<Req> for Eject<S>
 where
     S: Service<Req, Response = Response<B>>,
+    S::Error: 'static,
 {
     type Response = Response<B>;
     type Error = S::Error;
@@ -233,6 +240,7 @@ pin_project! {
 impl<F, B, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    E: 'static,
 {
     type Output = Result<Response<B>, E>;
 
@@ -240,11 +248,11 @@ where
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
         if let Some(outcome) = this.outcome.take() {
-            let failed = match &result {
-                Ok(response) => is_unavailable(response.headers()),
-                Err(_) => true,
+            let (failed, unreachable) = match &result {
+                Ok(response) => (is_unavailable(response.headers()), false),
+                Err(error) => (true, is_unreachable(error)),
             };
-            outcome.record(failed);
+            outcome.record(failed, unreachable);
         }
         Poll::Ready(result)
     }
@@ -257,6 +265,25 @@ fn is_unavailable(headers: &HeaderMap) -> bool {
         .is_some_and(|status| status.as_bytes() == UNAVAILABLE.as_bytes())
 }
 
+/// Whether a call's error proves that no connection to its endpoint could be made (refused,
+/// timed out, TLS refused). Until one can, every call sent there fails the same way, and fast,
+/// which makes it the endpoint that looks least loaded to the balancer and draws retries back
+/// to it; so it is ejected at once instead of after `consecutive_failures` of them.
+fn is_unreachable<E: 'static>(error: &E) -> bool {
+    let Some(error) = (error as &dyn std::any::Any).downcast_ref::<tonic::transport::Error>()
+    else {
+        return false;
+    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = source {
+        if error.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 /// What one call reports back to its endpoint's health.
 struct Outcome {
     health: Arc<Mutex<Health>>,
@@ -267,7 +294,7 @@ struct Outcome {
 }
 
 impl Outcome {
-    fn record(mut self, failed: bool) {
+    fn record(mut self, failed: bool, unreachable: bool) {
         let mut health = lock(&self.health);
         if self.probe {
             self.probe = false;
@@ -289,7 +316,7 @@ impl Outcome {
         }
         health.failures = health.failures.saturating_add(1);
         let due = match health.state {
-            State::Active => health.failures >= self.policy.consecutive_failures,
+            State::Active => unreachable || health.failures >= self.policy.consecutive_failures,
             // The probe (or a call from before the ejection) failed: straight back out.
             State::Probing { .. } => true,
             State::Ejected { .. } => false,
@@ -558,6 +585,34 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn an_endpoint_that_refuses_connections_is_ejected_at_once() {
+        // A port that nothing listens on any more.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .connect_lazy();
+        let layer = EjectionLayer::new(&config(5), "users");
+        let mut endpoint = layer.layer(channel);
+        let _others = [
+            layer.layer(Backend::default()),
+            layer.layer(Backend::default()),
+        ];
+        let mut request = http::Request::new(tonic::body::Body::empty());
+        *request.uri_mut() = http::Uri::from_static("/meshwork.users.v1.UserService/GetUser");
+        let refused = match endpoint.ready().await {
+            Ok(ready) => ready.call(request).await,
+            Err(error) => Err(error),
+        };
+        assert!(refused.is_err());
+        assert!(
+            endpoint.ready().now_or_never().is_none(),
+            "one refused connection ejects"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_waiting_ejected_endpoint_is_woken_when_its_interval_ends() {
         let layer = EjectionLayer::new(&config(1), "users");
@@ -590,7 +645,7 @@ mod tests {
             endpoint: Arc::from("test"),
             probe: false,
         }
-        .record(true);
+        .record(true, false);
         assert!(!is_ready(&mut endpoint));
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(is_ready(&mut endpoint));
