@@ -94,6 +94,24 @@ impl Policy {
     }
 }
 
+/// Every `package.Service/Method` of `service` (e.g. `meshwork.users.v1.UserService`) in the
+/// contracts: what a service's default policy must cover, rule for rule.
+pub fn methods_of(service: &str) -> Result<std::collections::BTreeSet<String>, prost::DecodeError> {
+    use prost::Message;
+    let files = prost_types::FileDescriptorSet::decode(meshwork::FILE_DESCRIPTOR_SET)?;
+    Ok(files
+        .file
+        .iter()
+        .flat_map(|file| {
+            file.service
+                .iter()
+                .filter(move |s| format!("{}.{}", file.package(), s.name()) == service)
+        })
+        .flat_map(|s| s.method.iter())
+        .map(|method| format!("{service}/{}", method.name()))
+        .collect())
+}
+
 /// Who the handler is serving, as decided by the authorization layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
@@ -380,6 +398,14 @@ mod tests {
             .body(())
             .ok();
         assert_eq!(request.as_ref().and_then(bearer_token), None);
+    }
+
+    #[test]
+    fn the_methods_of_a_service_come_from_the_contracts() -> Result<(), prost::DecodeError> {
+        let methods = methods_of("meshwork.orders.v1.OrderService")?;
+        assert!(methods.contains("meshwork.orders.v1.OrderService/WatchOrder"));
+        assert_eq!(methods.len(), 5);
+        Ok(())
     }
 
     #[test]

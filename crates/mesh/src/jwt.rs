@@ -265,6 +265,17 @@ pub struct JwksVerifier {
 }
 
 impl JwksVerifier {
+    /// The verifier every service uses for end users: auth's key set fetched over the mesh,
+    /// with `tls`'s identity, from the auth replicas `auth` names.
+    pub fn over_mesh(
+        tokens: &JwtConfig,
+        auth: &crate::config::ClientConfig,
+        tls: &crate::tls::MeshTls,
+    ) -> Result<Arc<dyn TokenVerifier>, crate::client::ClientError> {
+        let client = AuthServiceClient::new(crate::client::connect(auth, tls, "auth")?);
+        Ok(Self::new(tokens, client))
+    }
+
     pub fn new(config: &JwtConfig, auth: AuthServiceClient<MeshChannel>) -> Arc<Self> {
         let period = config.jwks_min_refetch.max(Duration::from_millis(1));
         let quota = Quota::with_period(period)

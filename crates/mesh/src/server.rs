@@ -147,6 +147,22 @@ impl MeshServer {
         self.admin.as_ref().map(|(_, addr)| *addr)
     }
 
+    /// A service's server as every service builds it: the mesh port (mutual TLS with `tls`,
+    /// behind `authz`) and the admin port when `admin` names one.
+    pub async fn bind_mesh(
+        server: &ServerConfig,
+        admin: &AdminConfig,
+        tls: MeshTls,
+        authz: AuthzLayer,
+    ) -> Result<Self, ServerError> {
+        Ok(Self::bind(server)
+            .await?
+            .with_admin(admin)
+            .await?
+            .with_tls(tls)
+            .with_authz(authz))
+    }
+
     /// Serves mutual TLS only, with `tls` (reloaded from its files while serving).
     pub fn with_tls(mut self, tls: MeshTls) -> Self {
         self.tls = Some(tls);

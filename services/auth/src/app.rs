@@ -83,12 +83,7 @@ impl App {
         });
         // Auth's methods take no end-user tokens: it is where users get them.
         let authz = AuthzLayer::new(config.authz.clone(), None);
-        let server = MeshServer::bind(&config.server)
-            .await?
-            .with_admin(&config.admin)
-            .await?
-            .with_tls(tls)
-            .with_authz(authz);
+        let server = MeshServer::bind_mesh(&config.server, &config.admin, tls, authz).await?;
         Ok(Self {
             server,
             store,

@@ -3,19 +3,16 @@
 //! tokens verified against auth's key set), then run until a shutdown signal. The binary,
 //! `meshctl up` and the tests all start billing through this.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr};
 
 use mesh::{
-    authz::{AuthzLayer, TokenVerifier},
+    authz::AuthzLayer,
     client::ClientError,
     jwt::JwksVerifier,
     server::{MeshServer, ServerError, database_ready},
     tls::{MeshTls, TlsError},
 };
-use meshwork::{
-    auth::v1::auth_service_client::AuthServiceClient,
-    billing::v1::billing_service_server::BillingServiceServer,
-};
+use meshwork::billing::v1::billing_service_server::BillingServiceServer;
 use tonic::{server::NamedService, service::Routes};
 
 use crate::{config::Config, grpc::BillingGrpc, store::Store};
@@ -47,14 +44,9 @@ impl App {
     pub async fn build(config: Config) -> Result<Self, AppError> {
         let tls = MeshTls::load(&config.tls)?;
         let store = Store::open(&config.database).await?;
-        let auth = AuthServiceClient::new(mesh::client::connect(&config.auth, &tls, "auth")?);
-        let verifier: Arc<dyn TokenVerifier> = JwksVerifier::new(&config.tokens, auth);
-        let server = MeshServer::bind(&config.server)
-            .await?
-            .with_admin(&config.admin)
-            .await?
-            .with_tls(tls)
-            .with_authz(AuthzLayer::new(config.authz.clone(), Some(verifier)));
+        let verifier = JwksVerifier::over_mesh(&config.tokens, &config.auth, &tls)?;
+        let authz = AuthzLayer::new(config.authz.clone(), Some(verifier));
+        let server = MeshServer::bind_mesh(&config.server, &config.admin, tls, authz).await?;
         Ok(Self {
             config,
             server,

@@ -3,10 +3,10 @@
 //! authorization layer, and the recovery task. Tests, `meshctl up` and the binary all start it
 //! through [`App`].
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr};
 
 use mesh::{
-    authz::{AuthzLayer, TokenVerifier},
+    authz::AuthzLayer,
     client::ClientError,
     jwt::JwksVerifier,
     server::{MeshServer, ServerError},
@@ -14,7 +14,6 @@ use mesh::{
     tls::{MeshTls, TlsError},
 };
 use meshwork::{
-    auth::v1::auth_service_client::AuthServiceClient,
     billing::v1::billing_service_client::BillingServiceClient,
     orders::v1::order_service_server::OrderServiceServer,
     users::v1::user_service_client::UserServiceClient,
@@ -55,15 +54,10 @@ impl App {
         let users = UserServiceClient::new(mesh::client::connect(&config.users, &tls, "users")?);
         let billing =
             BillingServiceClient::new(mesh::client::connect(&config.billing, &tls, "billing")?);
-        let auth = AuthServiceClient::new(mesh::client::connect(&config.auth, &tls, "auth")?);
-        let verifier: Arc<dyn TokenVerifier> = JwksVerifier::new(&config.tokens, auth);
+        let verifier = JwksVerifier::over_mesh(&config.tokens, &config.auth, &tls)?;
         let saga = Saga::new(store.clone(), users, billing);
-        let server = MeshServer::bind(&config.server)
-            .await?
-            .with_admin(&config.admin)
-            .await?
-            .with_tls(tls)
-            .with_authz(AuthzLayer::new(config.authz.clone(), Some(verifier)));
+        let authz = AuthzLayer::new(config.authz.clone(), Some(verifier));
+        let server = MeshServer::bind_mesh(&config.server, &config.admin, tls, authz).await?;
         Ok(Self {
             config,
             server,

@@ -3,18 +3,15 @@
 //! auth's key set), its handlers served through the mesh's one server builder. The binary,
 //! `meshctl up` and the tests all start the service through [`App`].
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr};
 
 use mesh::{
-    authz::{AuthzLayer, TokenVerifier},
+    authz::AuthzLayer,
     jwt::JwksVerifier,
     server::{MeshServer, database_ready},
     tls::MeshTls,
 };
-use meshwork::{
-    auth::v1::auth_service_client::AuthServiceClient,
-    users::v1::user_service_server::UserServiceServer,
-};
+use meshwork::users::v1::user_service_server::UserServiceServer;
 use sqlx::AnyPool;
 use tonic::{server::NamedService, service::Routes};
 
@@ -39,14 +36,9 @@ impl App {
     pub async fn build(config: Config) -> Result<Self, AppError> {
         let tls = MeshTls::load(&config.tls)?;
         let pool = mesh::store::open(&config.database, &MIGRATOR).await?;
-        let auth = AuthServiceClient::new(mesh::client::connect(&config.auth, &tls, "auth")?);
-        let verifier: Arc<dyn TokenVerifier> = JwksVerifier::new(&config.tokens, auth);
-        let server = MeshServer::bind(&config.server)
-            .await?
-            .with_admin(&config.admin)
-            .await?
-            .with_tls(tls)
-            .with_authz(AuthzLayer::new(config.authz.clone(), Some(verifier)));
+        let verifier = JwksVerifier::over_mesh(&config.tokens, &config.auth, &tls)?;
+        let authz = AuthzLayer::new(config.authz.clone(), Some(verifier));
+        let server = MeshServer::bind_mesh(&config.server, &config.admin, tls, authz).await?;
         Ok(Self {
             config,
             pool,

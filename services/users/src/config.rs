@@ -95,7 +95,6 @@ mod tests {
         providers::{Format, Serialized, Toml},
     };
     use meshwork::users::v1::user_service_server::SERVICE_NAME;
-    use prost::Message;
 
     use super::*;
 
@@ -120,18 +119,7 @@ mod tests {
     #[test]
     fn default_policy_has_one_rule_for_every_method_and_no_other()
     -> Result<(), Box<dyn std::error::Error>> {
-        let files = prost_types::FileDescriptorSet::decode(meshwork::FILE_DESCRIPTOR_SET)?;
-        let methods: BTreeSet<String> = files
-            .file
-            .iter()
-            .flat_map(|file| {
-                file.service.iter().filter(move |service| {
-                    format!("{}.{}", file.package(), service.name()) == SERVICE_NAME
-                })
-            })
-            .flat_map(|service| service.method.iter())
-            .map(|method| format!("{SERVICE_NAME}/{}", method.name()))
-            .collect();
+        let methods = mesh::authz::methods_of(SERVICE_NAME)?;
         let ruled: BTreeSet<String> = default_policy().0.into_keys().collect();
         assert!(!methods.is_empty());
         assert_eq!(ruled, methods);
