@@ -1,8 +1,10 @@
 //! Auth's database: credentials, signing keys and refresh tokens, in portable SQL that runs on
 //! SQLite and PostgreSQL alike. Every write that touches more than one row is one transaction.
 
+use mesh::trace::{DbSystem, db_span};
 use meshwork::auth::v1::Jwk;
 use sqlx::AnyPool;
+use tracing::Instrument;
 
 use crate::{
     domain::RefreshTokenHash,
@@ -65,11 +67,16 @@ struct PublicKey {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// The pool's database, for the query spans.
+    db: DbSystem,
 }
 
 impl Store {
     pub fn new(pool: AnyPool) -> Self {
-        Self { pool }
+        Self {
+            db: DbSystem::of(&pool),
+            pool,
+        }
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -99,6 +106,7 @@ impl Store {
             .bind(email)
             .bind(user_id)
             .execute(&mut *tx)
+            .instrument(db_span(self.db, "DELETE", "credentials"))
             .await
             .map_err(DomainError::storage(CONTEXT))?;
         sqlx::query(
@@ -110,6 +118,7 @@ impl Store {
         .bind(password_hash)
         .bind(now_ms)
         .execute(&mut *tx)
+        .instrument(db_span(self.db, "INSERT", "credentials"))
         .await
         .map_err(DomainError::storage(CONTEXT))?;
         tx.commit().await.map_err(DomainError::storage(CONTEXT))
@@ -125,6 +134,7 @@ impl Store {
         )
         .bind(email)
         .fetch_optional(&self.pool)
+        .instrument(db_span(self.db, "SELECT", "credentials"))
         .await
         .map_err(DomainError::storage("looking up credentials"))
     }
@@ -136,6 +146,7 @@ impl Store {
              ORDER BY generation DESC LIMIT 1",
         )
         .fetch_optional(&self.pool)
+        .instrument(db_span(self.db, "SELECT", "signing_keys"))
         .await
         .map_err(DomainError::storage("loading the signing key"))
     }
@@ -153,6 +164,7 @@ impl Store {
         .bind(key.generation)
         .bind(key.create_ms)
         .execute(&self.pool)
+        .instrument(db_span(self.db, "INSERT", "signing_keys"))
         .await
         .map(|done| done.rows_affected() == 1)
         .map_err(DomainError::storage("storing a signing key"))
@@ -170,6 +182,7 @@ impl Store {
         )
         .bind(retired_before_ms)
         .fetch_all(&self.pool)
+        .instrument(db_span(self.db, "SELECT", "signing_keys"))
         .await
         .map_err(DomainError::storage("listing signing keys"))?;
         Ok(rows
@@ -191,6 +204,7 @@ impl Store {
         )
         .bind(retired_before_ms)
         .execute(&self.pool)
+        .instrument(db_span(self.db, "DELETE", "signing_keys"))
         .await
         .map(|done| done.rows_affected())
         .map_err(DomainError::storage("deleting retired signing keys"))
@@ -209,6 +223,7 @@ impl Store {
             .bind(token.expires_ms)
             .bind(now_ms)
             .execute(&self.pool)
+            .instrument(db_span(self.db, "INSERT", "refresh_tokens"))
             .await
             .map(drop)
             .map_err(DomainError::storage("storing a refresh token"))
@@ -237,6 +252,7 @@ impl Store {
         .bind(now_ms)
         .bind(successor.as_str())
         .execute(&mut *tx)
+        .instrument(db_span(self.db, "UPDATE", "refresh_tokens"))
         .await
         .map_err(storage(CONTEXT))?;
 
@@ -245,6 +261,7 @@ impl Store {
         )
         .bind(presented.as_str())
         .fetch_optional(&mut *tx)
+        .instrument(db_span(self.db, "SELECT", "refresh_tokens"))
         .await
         .map_err(storage(CONTEXT))?;
 
@@ -257,6 +274,7 @@ impl Store {
                     .bind(successor_expires_ms)
                     .bind(now_ms)
                     .execute(&mut *tx)
+                    .instrument(db_span(self.db, "INSERT", "refresh_tokens"))
                     .await
                     .map_err(storage(CONTEXT))?;
                 Rotation::Rotated {
@@ -271,6 +289,7 @@ impl Store {
                 .bind(&owner.family_id)
                 .bind(now_ms)
                 .execute(&mut *tx)
+                .instrument(db_span(self.db, "UPDATE", "refresh_tokens"))
                 .await
                 .map_err(storage(CONTEXT))?;
                 Rotation::Reused {
@@ -297,6 +316,7 @@ impl Store {
         .bind(token.as_str())
         .bind(now_ms)
         .execute(&self.pool)
+        .instrument(db_span(self.db, "UPDATE", "refresh_tokens"))
         .await
         .map(drop)
         .map_err(DomainError::storage("revoking a refresh token"))

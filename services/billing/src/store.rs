@@ -10,8 +10,14 @@
 //! - the unique index on `idempotency_key` decides which of two concurrent requests with one key
 //!   wins; the loser rolls back and answers with the winner's payment.
 
-use mesh::{config::DatabaseConfig, pagination::Page, status::is_unique_violation};
+use mesh::{
+    config::DatabaseConfig,
+    pagination::Page,
+    status::is_unique_violation,
+    trace::{DbSystem, db_span},
+};
 use sqlx::{Any, AnyConnection, AnyPool, Executor, Transaction, migrate::Migrator};
+use tracing::Instrument;
 
 use crate::{
     domain::{
@@ -34,13 +40,18 @@ pub struct Receipt {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// The pool's database, for the query spans.
+    db: DbSystem,
 }
 
 impl Store {
     /// Opens the database `config` names and applies billing's migrations.
     pub async fn open(config: &DatabaseConfig) -> Result<Self, mesh::store::StoreError> {
         let pool = mesh::store::open(config, &MIGRATOR).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            db: DbSystem::of(&pool),
+            pool,
+        })
     }
 
     /// The pool, for readiness checks.
@@ -50,7 +61,7 @@ impl Store {
 
     /// A user's account; NOT_FOUND until the first top-up opens it.
     pub async fn account(&self, user_id: &UserId) -> Result<Account, DomainError> {
-        find_account(&self.pool, user_id)
+        find_account(self.db, &self.pool, user_id)
             .await?
             .ok_or_else(|| DomainError::AccountNotFound(user_id.clone()))
     }
@@ -63,6 +74,7 @@ impl Store {
         )
         .bind(id.as_str())
         .fetch_optional(&self.pool)
+        .instrument(db_span(self.db, "SELECT", "payments"))
         .await
         .map_err(DomainError::storage("reading a payment"))?;
         row.map(Payment::try_from)
@@ -96,6 +108,7 @@ impl Store {
         };
         let rows: Vec<PaymentRow> = query
             .fetch_all(&self.pool)
+            .instrument(db_span(self.db, "SELECT", "payments"))
             .await
             .map_err(DomainError::storage("listing payments"))?;
         let mut payments = rows
@@ -121,11 +134,12 @@ impl Store {
         .bind(request.amount.currency().as_str())
         .bind(now)
         .execute(&mut *tx)
+        .instrument(db_span(self.db, "INSERT", "accounts"))
         .await
         .map_err(DomainError::storage("opening an account"))?;
-        let account = lock_account(&mut tx, &request.user_id, now).await?;
+        let account = lock_account(self.db, &mut tx, &request.user_id, now).await?;
         let balance_minor = account.balance_after_credit(&request.amount)?;
-        set_balance(&mut tx, &account.user_id, balance_minor).await?;
+        set_balance(self.db, &mut tx, &account.user_id, balance_minor).await?;
         let payment = Payment {
             id: PaymentId::generate(),
             user_id: request.user_id.clone(),
@@ -160,13 +174,14 @@ impl Store {
         .bind(request.user_id.as_str())
         .bind(request.amount.currency().as_str())
         .execute(&mut *tx)
+        .instrument(db_span(self.db, "UPDATE", "accounts"))
         .await
         .map_err(DomainError::storage("debiting an account"))?;
         if debited.rows_affected() == 0 {
-            let account = find_account(&mut *tx, &request.user_id).await?;
+            let account = find_account(self.db, &mut *tx, &request.user_id).await?;
             return Err(request.refusal(account.as_ref()));
         }
-        let account = find_account(&mut *tx, &request.user_id)
+        let account = find_account(self.db, &mut *tx, &request.user_id)
             .await?
             .ok_or_else(|| DomainError::AccountNotFound(request.user_id.clone()))?;
         let payment = Payment {
@@ -194,18 +209,19 @@ impl Store {
         let mut tx = self.begin("starting a refund").await?;
         // Locking the account first also serialises concurrent refunds of this charge, so the
         // sum read below cannot miss one.
-        let account = lock_account(&mut tx, &charge.user_id, now).await?;
+        let account = lock_account(self.db, &mut tx, &charge.user_id, now).await?;
         let refunded_minor: i64 = sqlx::query_scalar(
             "SELECT CAST(COALESCE(SUM(amount_minor), 0) AS BIGINT) FROM payments \
              WHERE refunded_payment_id = $1",
         )
         .bind(charge.id.as_str())
         .fetch_one(&mut *tx)
+        .instrument(db_span(self.db, "SELECT", "payments"))
         .await
         .map_err(DomainError::storage("summing refunds"))?;
         let amount = request.amount_from(&charge, refunded_minor)?;
         let balance_minor = account.balance_after_credit(&amount)?;
-        set_balance(&mut tx, &account.user_id, balance_minor).await?;
+        set_balance(self.db, &mut tx, &account.user_id, balance_minor).await?;
         let payment = Payment {
             id: PaymentId::generate(),
             user_id: charge.user_id.clone(),
@@ -237,7 +253,7 @@ impl Store {
         request: &impl IdempotentRequest,
     ) -> Result<Option<Receipt>, DomainError> {
         let key = request.idempotency_key();
-        let Some(stored) = find_payment_by_key(&self.pool, key).await? else {
+        let Some(stored) = find_payment_by_key(self.db, &self.pool, key).await? else {
             return Ok(None);
         };
         if !request.is_repeated_by(&stored) {
@@ -259,7 +275,7 @@ impl Store {
         payment: Payment,
         account: Account,
     ) -> Result<Receipt, DomainError> {
-        match insert_payment(&mut tx, &payment).await {
+        match insert_payment(self.db, &mut tx, &payment).await {
             Ok(()) => {
                 tx.commit()
                     .await
@@ -284,6 +300,7 @@ impl Store {
 /// Locks `user_id`'s account row for the rest of the transaction and reads it, so that the
 /// balance read is the one this transaction's update replaces (see the module doc).
 async fn lock_account(
+    db: DbSystem,
     conn: &mut AnyConnection,
     user_id: &UserId,
     now: i64,
@@ -292,14 +309,16 @@ async fn lock_account(
         .bind(now)
         .bind(user_id.as_str())
         .execute(&mut *conn)
+        .instrument(db_span(db, "UPDATE", "accounts"))
         .await
         .map_err(DomainError::storage("locking an account"))?;
-    find_account(&mut *conn, user_id)
+    find_account(db, &mut *conn, user_id)
         .await?
         .ok_or_else(|| DomainError::AccountNotFound(user_id.clone()))
 }
 
 async fn set_balance(
+    db: DbSystem,
     conn: &mut AnyConnection,
     user_id: &UserId,
     balance_minor: i64,
@@ -308,12 +327,17 @@ async fn set_balance(
         .bind(balance_minor)
         .bind(user_id.as_str())
         .execute(conn)
+        .instrument(db_span(db, "UPDATE", "accounts"))
         .await
         .map_err(DomainError::storage("crediting an account"))?;
     Ok(())
 }
 
-async fn insert_payment(conn: &mut AnyConnection, payment: &Payment) -> Result<(), sqlx::Error> {
+async fn insert_payment(
+    db: DbSystem,
+    conn: &mut AnyConnection,
+    payment: &Payment,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO payments (id, user_id, kind, currency_code, amount_minor, idempotency_key, \
          refunded_payment_id, reference, create_ms) \
@@ -329,11 +353,13 @@ async fn insert_payment(conn: &mut AnyConnection, payment: &Payment) -> Result<(
     .bind(payment.reference.as_str())
     .bind(payment.create_ms)
     .execute(conn)
+    .instrument(db_span(db, "INSERT", "payments"))
     .await?;
     Ok(())
 }
 
 async fn find_account<'e>(
+    db: DbSystem,
     executor: impl Executor<'e, Database = Any>,
     user_id: &UserId,
 ) -> Result<Option<Account>, DomainError> {
@@ -342,12 +368,14 @@ async fn find_account<'e>(
     )
     .bind(user_id.as_str())
     .fetch_optional(executor)
+    .instrument(db_span(db, "SELECT", "accounts"))
     .await
     .map_err(DomainError::storage("reading an account"))?;
     row.map(Account::try_from).transpose()
 }
 
 async fn find_payment_by_key<'e>(
+    db: DbSystem,
     executor: impl Executor<'e, Database = Any>,
     key: &IdempotencyKey,
 ) -> Result<Option<Payment>, DomainError> {
@@ -357,6 +385,7 @@ async fn find_payment_by_key<'e>(
     )
     .bind(key.as_str())
     .fetch_optional(executor)
+    .instrument(db_span(db, "SELECT", "payments"))
     .await
     .map_err(DomainError::storage("looking up an idempotency key"))?;
     row.map(Payment::try_from).transpose()

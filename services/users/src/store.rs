@@ -2,8 +2,12 @@
 //! statement per operation, so every write is atomic without an explicit transaction. Takes
 //! parsed domain values and returns stored [`User`]s; it knows nothing of gRPC.
 
-use mesh::pagination::Page;
+use mesh::{
+    pagination::Page,
+    trace::{DbSystem, db_span},
+};
 use sqlx::AnyPool;
+use tracing::Instrument;
 
 use crate::{
     domain::{NewUser, User, UserChanges, UserId},
@@ -39,11 +43,16 @@ impl From<UserRow> for User {
 #[derive(Debug, Clone)]
 pub struct UserStore {
     pool: AnyPool,
+    /// The pool's database, for the query spans.
+    db: DbSystem,
 }
 
 impl UserStore {
     pub fn new(pool: AnyPool) -> Self {
-        Self { pool }
+        Self {
+            db: DbSystem::of(&pool),
+            pool,
+        }
     }
 
     /// Stores a new user created at `now` (epoch milliseconds) with a fresh id.
@@ -58,6 +67,7 @@ impl UserStore {
         .bind(new.display_name.as_str())
         .bind(now)
         .fetch_one(&self.pool)
+        .instrument(db_span(self.db, "INSERT", "users"))
         .await
         .map_err(|source| email_conflict(source, new.email.as_str(), "creating a user"))?;
         Ok(row.into())
@@ -69,6 +79,7 @@ impl UserStore {
         )
         .bind(id.as_str())
         .fetch_optional(&self.pool)
+        .instrument(db_span(self.db, "SELECT", "users"))
         .await
         .map_err(|source| DomainError::Storage {
             context: "reading a user",
@@ -89,6 +100,7 @@ impl UserStore {
         .bind(after)
         .bind(page.fetch_limit())
         .fetch_all(&self.pool)
+        .instrument(db_span(self.db, "SELECT", "users"))
         .await
         .map_err(|source| DomainError::Storage {
             context: "listing users",
@@ -120,6 +132,7 @@ impl UserStore {
         .bind(display_name)
         .bind(now)
         .fetch_optional(&self.pool)
+        .instrument(db_span(self.db, "UPDATE", "users"))
         .await
         .map_err(|source| {
             email_conflict(
@@ -135,6 +148,7 @@ impl UserStore {
         let result = sqlx::query("DELETE FROM users WHERE id = $1")
             .bind(id.as_str())
             .execute(&self.pool)
+            .instrument(db_span(self.db, "DELETE", "users"))
             .await
             .map_err(|source| DomainError::Storage {
                 context: "deleting a user",
