@@ -78,28 +78,28 @@ impl UserService for Front {
         &self,
         _: Request<CreateUserRequest>,
     ) -> Result<Response<CreateUserResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        Err(Status::failed_precondition("not in this test"))
     }
 
     async fn list_users(
         &self,
         _: Request<ListUsersRequest>,
     ) -> Result<Response<ListUsersResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        Err(Status::failed_precondition("not in this test"))
     }
 
     async fn update_user(
         &self,
         _: Request<UpdateUserRequest>,
     ) -> Result<Response<UpdateUserResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        Err(Status::failed_precondition("not in this test"))
     }
 
     async fn delete_user(
         &self,
         _: Request<DeleteUserRequest>,
     ) -> Result<Response<DeleteUserResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        Err(Status::failed_precondition("not in this test"))
     }
 }
 
@@ -124,29 +124,29 @@ impl BillingService for Back {
         &self,
         _: Request<GetAccountRequest>,
     ) -> Result<Response<GetAccountResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        Err(Status::failed_precondition("not in this test"))
     }
 
     async fn top_up(&self, _: Request<TopUpRequest>) -> Result<Response<TopUpResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        Err(Status::failed_precondition("not in this test"))
     }
 
     async fn refund(&self, _: Request<RefundRequest>) -> Result<Response<RefundResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        Err(Status::failed_precondition("not in this test"))
     }
 
     async fn get_payment(
         &self,
         _: Request<GetPaymentRequest>,
     ) -> Result<Response<GetPaymentResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        Err(Status::failed_precondition("not in this test"))
     }
 
     async fn list_payments(
         &self,
         _: Request<ListPaymentsRequest>,
     ) -> Result<Response<ListPaymentsResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        Err(Status::failed_precondition("not in this test"))
     }
 }
 
