@@ -142,6 +142,19 @@ build: ## cargo build of every binary
 run: build ## Start the local mesh (meshctl up); Ctrl-C stops it
 	target/debug/meshctl up
 
+# ---- benchmarks --------------------------------------------------------------------------
+# Release builds, then every configuration in one run (about 10 minutes): servers pinned to one
+# CPU, the load generator to the other. Results: bench/results/<date>.{md,json}. The real
+# services are measured on PostgreSQL too when TEST_POSTGRES_URL names a server whose role may
+# create databases. BENCH_ARGS passes options (`--only 3-mesh`, `--duration 10`; see
+# `target/release/meshwork-bench run --help`).
+BENCH_ARGS ?=
+
+.PHONY: bench
+bench: ## Measure the mesh against bare tonic and the real services (release build, ~10 min)
+	$(CARGO) build --release --workspace --bins
+	target/release/meshwork-bench run $(BENCH_ARGS)
+
 .PHONY: e2e
 e2e: build tools ## Whole mesh through meshctl up, grpcurl and a generated Python client
 	BUF="$(abspath $(BUF))" GRPCURL="$(abspath $(GRPCURL))" PYTHON="$(abspath $(PYTHON))" \
