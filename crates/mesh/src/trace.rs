@@ -47,6 +47,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::identity::PeerInfo;
 
+/// The `tracing` target of every span made here (calls and queries): what the log layer leaves
+/// out ([`crate::telemetry`]).
+pub const SPAN_TARGET: &str = module_path!();
+
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
