@@ -4,7 +4,9 @@
 //! [`Eject`] wraps one endpoint of a client. It counts the endpoint's consecutive failures — a
 //! transport error (connection refused, reset, TLS), or a response whose `grpc-status` header is
 //! UNAVAILABLE (how tonic sends an error before any message: "trailers-only") — and after
-//! [`EjectionConfig::consecutive_failures`] of them makes itself not ready: `poll_ready` stays
+//! [`EjectionConfig::consecutive_failures`] of them makes itself not ready (an UNAVAILABLE
+//! marked [`NOT_PROCESSED_HEADER`] — shed by a busy server, or refused by a draining one —
+//! counts neither way: a busy endpoint is not a broken one): `poll_ready` stays
 //! pending, with a timer to wake it, for an interval that starts at `base_interval` and doubles
 //! with each ejection that follows without a success in between, up to `max_interval`. A
 //! `tower::balance` balancer only sends to ready endpoints, so that is what takes it out.
@@ -51,7 +53,11 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
-use crate::{config::EjectionConfig, metrics::EjectionMetrics};
+use crate::{
+    config::EjectionConfig,
+    metrics::EjectionMetrics,
+    retry::{NOT_PROCESSED_HEADER, NOT_PROCESSED_VALUE},
+};
 
 /// The response header carrying the gRPC status of a trailers-only response.
 const GRPC_STATUS: &str = "grpc-status";
@@ -248,11 +254,13 @@ where
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
         if let Some(outcome) = this.outcome.take() {
-            let (failed, unreachable) = match &result {
-                Ok(response) => (is_unavailable(response.headers()), false),
-                Err(error) => (true, is_unreachable(error)),
-            };
-            outcome.record(failed, unreachable);
+            match &result {
+                // Refused unprocessed (shedding, draining): busy, not broken. Dropped, the
+                // outcome decides nothing (a probe lets another call probe).
+                Ok(response) if is_refused_unprocessed(response.headers()) => drop(outcome),
+                Ok(response) => outcome.record(is_unavailable(response.headers()), false),
+                Err(error) => outcome.record(true, is_unreachable(error)),
+            }
         }
         Poll::Ready(result)
     }
@@ -263,6 +271,19 @@ fn is_unavailable(headers: &HeaderMap) -> bool {
     headers
         .get(GRPC_STATUS)
         .is_some_and(|status| status.as_bytes() == UNAVAILABLE.as_bytes())
+}
+
+/// Whether a response is a refusal marked as not processed ([`NOT_PROCESSED_HEADER`]): the
+/// server shed the call because it is at its concurrency limit, or refused it while draining.
+/// Neither says the endpoint is broken. Counting sheds as failures would eject the replicas
+/// that are busiest, pile their load on the others and make those shed in turn (`make bench`
+/// showed exactly that: a mesh hop at half its capacity cascading into ejections); a draining
+/// replica closes its port next, and that ejects it at once.
+fn is_refused_unprocessed(headers: &HeaderMap) -> bool {
+    is_unavailable(headers)
+        && headers
+            .get(NOT_PROCESSED_HEADER)
+            .is_some_and(|value| value.as_bytes() == NOT_PROCESSED_VALUE.as_bytes())
 }
 
 /// Whether a call's error proves that no connection to its endpoint could be made (refused,
@@ -683,6 +704,25 @@ mod tests {
         assert!(is_ready(&mut endpoint));
         call_n(&mut endpoint, 1).await;
         assert!(!is_ready(&mut endpoint));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shed_calls_do_not_eject_a_busy_endpoint() {
+        let layer = EjectionLayer::new(&config(2), "users");
+        let mut endpoint = layer.layer(tower::service_fn(|_: ()| {
+            let mut response = Response::new(());
+            response
+                .headers_mut()
+                .insert(GRPC_STATUS, HeaderValue::from_static("14"));
+            response.headers_mut().insert(
+                NOT_PROCESSED_HEADER,
+                HeaderValue::from_static(NOT_PROCESSED_VALUE),
+            );
+            async move { Ok::<_, &'static str>(response) }
+        }));
+        let _other = layer.layer(Backend::default());
+        call_n(&mut endpoint, 10).await;
+        assert!(is_ready(&mut endpoint), "ten sheds ejected the endpoint");
     }
 
     #[tokio::test(start_paused = true)]
