@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::future::BoxFuture;
+use futures::{StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::task::JoinSet;
@@ -51,6 +51,8 @@ pub struct Outcome {
     window: Duration,
     /// The rate calls were sent at (open loop only).
     offered: Option<f64>,
+    /// How late each call was sent (open loop only).
+    send_late: Option<Histogram<u64>>,
 }
 
 /// An [`Outcome`] as numbers, for the report.
@@ -69,6 +71,10 @@ pub struct Summary {
     pub p999_us: f64,
     pub max_us: f64,
     pub mean_us: f64,
+    /// Open loop: how late the generator sent calls, at p99. Beyond a millisecond it could not
+    /// keep the schedule (its CPU was the limit) and the latencies include its own backlog.
+    #[serde(default)]
+    pub send_late_p99_us: Option<f64>,
 }
 
 impl Outcome {
@@ -79,14 +85,12 @@ impl Outcome {
             errors: BTreeMap::new(),
             window,
             offered,
+            send_late: None,
         })
     }
 
     fn record(&mut self, latency: Duration, result: Result<(), Code>) {
-        let nanos = u64::try_from(latency.as_nanos())
-            .unwrap_or(HIGHEST_NANOS)
-            .clamp(1, HIGHEST_NANOS);
-        self.histogram.saturating_record(nanos);
+        self.histogram.saturating_record(nanos(latency));
         match result {
             Ok(()) => self.ok += 1,
             Err(code) => *self.errors.entry(code_name(code)).or_default() += 1,
@@ -126,8 +130,20 @@ impl Outcome {
             } else {
                 self.histogram.mean() / 1_000.0
             },
+            send_late_p99_us: self
+                .send_late
+                .as_ref()
+                .filter(|late| !late.is_empty())
+                .map(|late| micros(late.value_at_quantile(0.99))),
         }
     }
+}
+
+/// `duration` in nanoseconds, within the histograms' bounds.
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos())
+        .unwrap_or(HIGHEST_NANOS)
+        .clamp(1, HIGHEST_NANOS)
 }
 
 /// The gRPC name of `code` (`UNAVAILABLE`), as in the specification and the metrics.
@@ -215,6 +231,11 @@ pub async fn pace_until(instant: Instant) {
 
 /// Calls at `rate` per second for `warmup` (not measured) and then `duration`; each call's
 /// latency runs from its scheduled start. Waits for the last calls to answer.
+///
+/// The calls run inside this one task (no task spawned per call: the generator has one CPU,
+/// and every microsecond it spends is a call it cannot send on time). How late each call was
+/// sent is recorded apart ([`Summary::send_late_p99_us`]): when the generator cannot keep the
+/// schedule, the latencies include its own backlog, and the report says so.
 pub async fn open(
     call: Call,
     rate: f64,
@@ -225,27 +246,42 @@ pub async fn open(
         rate.is_finite() && rate > 0.0,
         "rate must be positive, not {rate}"
     );
-    let outcome = Arc::new(Mutex::new(Outcome::new(duration, Some(rate))?));
+    let mut outcome = Outcome::new(duration, Some(rate))?;
+    let mut send_late = Histogram::<u64>::new_with_bounds(1, HIGHEST_NANOS, 3)?;
     let interval_nanos = 1e9 / rate;
     let warmup_calls = (warmup.as_secs_f64() * rate).round() as u64;
     let total = warmup_calls + (duration.as_secs_f64() * rate).round() as u64;
     let start = Instant::now() + COARSE_PACING;
-    let mut in_flight = JoinSet::new();
-    for n in 0..total {
-        let scheduled = start + Duration::from_nanos((n as f64 * interval_nanos) as u64);
-        pace_until(scheduled).await;
-        let (call, outcome) = (call.clone(), outcome.clone());
-        in_flight.spawn(async move {
-            let result = timed(&call, n).await;
-            if n >= warmup_calls {
-                lock(&outcome).record(scheduled.elapsed(), result);
+    let scheduled_at = |n: u64| start + Duration::from_nanos((n as f64 * interval_nanos) as u64);
+    let mut in_flight = FuturesUnordered::new();
+    let mut next = 0u64;
+    while next < total || !in_flight.is_empty() {
+        // Send every call whose time has come.
+        let now = Instant::now();
+        while next < total && scheduled_at(next) <= now {
+            let (n, scheduled) = (next, scheduled_at(next));
+            let call = call.clone();
+            in_flight.push(async move {
+                // The call is sent when its future is first polled: that is how late it went.
+                let sent = Instant::now();
+                let result = timed(&call, n).await;
+                (n, scheduled, sent, result)
+            });
+            next += 1;
+        }
+        let wake = (next < total).then(|| scheduled_at(next));
+        tokio::select! {
+            biased;
+            Some((n, scheduled, sent, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                if n >= warmup_calls {
+                    outcome.record(scheduled.elapsed(), result);
+                    send_late.saturating_record(nanos(sent.saturating_duration_since(scheduled)));
+                }
             }
-        });
-        // Reap finished calls so the set stays as small as what is in flight.
-        while in_flight.try_join_next().is_some() {}
+            () = pace_until(wake.unwrap_or(now)), if wake.is_some() => {}
+        }
     }
-    while in_flight.join_next().await.is_some() {}
-    let outcome = lock(&outcome).clone();
+    outcome.send_late = Some(send_late);
     Ok(outcome)
 }
 
@@ -292,6 +328,9 @@ mod tests {
         let took = started.elapsed();
         assert_eq!(outcome.calls, 2_000);
         assert_eq!(outcome.errors_by_code.get("UNAVAILABLE"), Some(&200));
+        // Loosely: keeping the schedule is microseconds late; falling behind grows without end.
+        let late = outcome.send_late_p99_us.unwrap_or(f64::MAX);
+        assert!(late < 20_000.0, "calls sent {late} us late at p99");
         assert!(
             took >= Duration::from_millis(1_090) && took < Duration::from_secs(3),
             "2,200 calls at 2,000/s took {took:?}"
@@ -313,6 +352,24 @@ mod tests {
         .await?
         .summary();
         assert!(outcome.p50_us < 300.0, "p50 lateness {} us", outcome.p50_us);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_generator_that_cannot_keep_the_schedule_says_so() -> anyhow::Result<()> {
+        // Each call holds the generator's only thread for 1 ms, and calls are due every 0.5 ms:
+        // it falls further behind with every call, and its send lateness must show it.
+        let call: Call = Arc::new(|_| {
+            Box::pin(async {
+                std::thread::sleep(Duration::from_millis(1));
+                Ok(())
+            })
+        });
+        let outcome = open(call, 2_000.0, Duration::ZERO, Duration::from_millis(200))
+            .await?
+            .summary();
+        let late = outcome.send_late_p99_us.unwrap_or(0.0);
+        assert!(late > 50_000.0, "calls sent only {late} us late at p99");
         Ok(())
     }
 

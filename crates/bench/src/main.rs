@@ -52,6 +52,8 @@ enum Command {
     Run(run::RunArgs),
     /// Serve one synthetic configuration until SIGTERM (started by `run`).
     Serve(synthetic::ServeArgs),
+    /// Render a report's JSON (written by `run`) as Markdown again, beside it.
+    Render { json: PathBuf },
     /// Run a program pinned to one CPU (how `run` starts the service binaries).
     Pinned {
         #[arg(long)]
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
     let outcome = match Cli::parse().command {
         Command::Run(args) => bench(args),
         Command::Serve(args) => synthetic::serve(args),
+        Command::Render { json } => render(&json),
         Command::Pinned { cpu, program, args } => affinity::exec_pinned(cpu, &program, &args),
     };
     match outcome {
@@ -75,6 +78,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes `<json without .json>.md` from a report's JSON.
+fn render(json: &std::path::Path) -> anyhow::Result<()> {
+    let report = report::Report::read(json)?;
+    let markdown = json.with_extension("md");
+    std::fs::write(&markdown, report.markdown())
+        .with_context(|| format!("writing {}", markdown.display()))?;
+    println!("wrote {}", markdown.display());
+    Ok(())
 }
 
 /// Pins this process to the load CPU (the servers get the first allowed CPU, the load the

@@ -100,6 +100,13 @@ impl Report {
         self.rows.iter().find(|row| row.id == id)
     }
 
+    /// Reads a report written by [`Self::write`].
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let json =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&json).with_context(|| format!("parsing {}", path.display()))
+    }
+
     /// Writes `<dir>/<stem>.json` and `<dir>/<stem>.md`.
     pub fn write(&self, dir: &Path, stem: &str) -> anyhow::Result<Vec<std::path::PathBuf>> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -167,9 +174,10 @@ impl Report {
             let max = &row.max;
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {:.0}% | {:.1} µs | {} | {:.0}% | {} | {} |",
+                "| {} | {:.0}{} | {} | {} | {} | {} | {} | {:.0}% | {:.1} µs | {} | {:.0}% | {} | {} |",
                 label(row),
                 max.summary.rps,
+                if generator_bound(max) { " ‡" } else { "" },
                 ratio(base.map(|b| (max.summary.rps, b.max.summary.rps))),
                 micros(max.summary.p50_us),
                 micros(max.summary.p99_us),
@@ -181,6 +189,15 @@ impl Report {
                 max.load_cpu_pct,
                 micros(row.sequential.summary.p50_us),
                 memory(&row.processes),
+            );
+        }
+
+        if self.rows.iter().any(|row| generator_bound(&row.max)) {
+            let _ = writeln!(
+                out,
+                "\n‡ The load generator's CPU was at {GENERATOR_BOUND_PCT:.0}% or more: it, not \
+                 the server, was the limit, and the server could serve more. Compare these rows \
+                 by server CPU per call."
             );
         }
 
@@ -197,19 +214,43 @@ impl Report {
                 let base_phase = base.and_then(|b| b.rates.iter().find(|p| p.load == phase.load));
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {:.0} | {} | {} | {} | {} | {:.0}% | {} | {} |",
+                    "| {} | {} | {:.0}{} | {} | {} | {} | {} | {:.0}% | {} | {} |",
                     label(row),
                     phase.load,
                     phase.summary.offered_rps.unwrap_or(phase.summary.rps),
+                    if fell_behind(phase) { " †" } else { "" },
                     micros(phase.summary.p50_us),
                     micros(phase.summary.p99_us),
                     micros(phase.summary.p999_us),
                     errors(&phase.summary),
                     phase.server_cpu_pct,
-                    delta(base_phase.map(|b| phase.summary.p50_us - b.summary.p50_us)),
-                    delta(base_phase.map(|b| phase.summary.p99_us - b.summary.p99_us)),
+                    // Against a phase whose generator fell behind, a difference means nothing.
+                    delta(
+                        base_phase
+                            .filter(|b| !fell_behind(b) && !fell_behind(phase))
+                            .map(|b| phase.summary.p50_us - b.summary.p50_us)
+                    ),
+                    delta(
+                        base_phase
+                            .filter(|b| !fell_behind(b) && !fell_behind(phase))
+                            .map(|b| phase.summary.p99_us - b.summary.p99_us)
+                    ),
                 );
             }
+        }
+
+        if self
+            .rows
+            .iter()
+            .flat_map(|row| row.rates.iter())
+            .any(fell_behind)
+        {
+            let _ = writeln!(
+                out,
+                "\n† The load generator fell behind its schedule (p99 send lateness over \
+                 {SEND_LATE_LIMIT_US:.0} µs: its one CPU was the limit at this rate): the \
+                 latencies of this row include its own backlog, not only the server's."
+            );
         }
 
         let with_db: Vec<&Row> = self.rows.iter().filter(|row| row.db.is_some()).collect();
@@ -258,6 +299,23 @@ impl Report {
         }
         out
     }
+}
+
+/// A closed loop whose generator used this much of its CPU was limited by the generator.
+const GENERATOR_BOUND_PCT: f64 = 90.0;
+
+/// An open loop that sent calls later than this (p99) did not keep its schedule.
+const SEND_LATE_LIMIT_US: f64 = 1_000.0;
+
+pub fn fell_behind(phase: &Phase) -> bool {
+    phase
+        .summary
+        .send_late_p99_us
+        .is_some_and(|late| late > SEND_LATE_LIMIT_US)
+}
+
+fn generator_bound(phase: &Phase) -> bool {
+    phase.load_cpu_pct >= GENERATOR_BOUND_PCT
 }
 
 fn label(row: &Row) -> String {

@@ -2,7 +2,13 @@
 //! over the mesh's mutual TLS presenting the operator's certificate, several connections so
 //! that the calls spread over several HTTP/2 connections) and the [`Call`]s made on them.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use anyhow::Context;
 use mesh::{tls::MeshTls, transport::MeshConnector};
@@ -87,7 +93,9 @@ pub const ORDER_PRICE_MINOR: i64 = 250;
 pub const CURRENCY: &str = "EUR";
 
 /// CreateOrder for `users` in turn (each with a balance), one item, a fresh idempotency key per
-/// call (`run` keeps keys of different runs apart).
+/// call: numbered by the call itself, not by the phase's call number, which starts again at 0
+/// in every phase (a repeated key would be answered from the first order, without any write);
+/// `run` keeps the keys of different runs apart.
 pub fn create_order(
     channels: Vec<Channel>,
     users: Vec<String>,
@@ -101,10 +109,11 @@ pub fn create_order(
         Arc::new(channels.into_iter().map(OrderServiceClient::new).collect());
     let users = Arc::new(users);
     let run = Arc::new(run);
+    let sent = Arc::new(AtomicU64::new(0));
     Ok(Arc::new(move |n| {
         let client = pick(&clients, n);
         let user_id = pick(&users, n).unwrap_or_default();
-        let idempotency_key = format!("{run}-{n}");
+        let idempotency_key = format!("{run}-{}", sent.fetch_add(1, Ordering::Relaxed));
         Box::pin(async move {
             let mut client = client.ok_or(tonic::Code::Internal)?;
             let mut request = tonic::Request::new(CreateOrderRequest {
