@@ -289,6 +289,10 @@ pub async fn open(
 mod tests {
     use super::*;
 
+    /// These tests time the pacer against the clock: one at a time, so that they do not take
+    /// each other's CPU on a small machine.
+    static TIMING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     fn sleeping(delay: Duration) -> Call {
         Arc::new(move |_| {
             Box::pin(async move {
@@ -307,6 +311,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn the_open_loop_keeps_its_rate_and_counts_failures() -> anyhow::Result<()> {
+        let _one_at_a_time = TIMING.lock().await;
         let call: Call = Arc::new(|n| {
             Box::pin(async move {
                 if n % 10 == 0 {
@@ -340,6 +345,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn pacing_is_finer_than_the_timer() -> anyhow::Result<()> {
+        let _one_at_a_time = TIMING.lock().await;
         // An instant call paced at 5,000/s: scheduled 200 us apart, so each one's latency is
         // only how late the pacer released it. A timer-only pacer is up to a millisecond late.
         let call: Call = Arc::new(|_| Box::pin(async { Ok(()) }));
@@ -357,6 +363,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_generator_that_cannot_keep_the_schedule_says_so() -> anyhow::Result<()> {
+        let _one_at_a_time = TIMING.lock().await;
         // Each call holds the generator's only thread for 1 ms, and calls are due every 0.5 ms:
         // it falls further behind with every call, and its send lateness must show it.
         let call: Call = Arc::new(|_| {
@@ -375,6 +382,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_stall_shows_in_the_calls_it_delayed() -> anyhow::Result<()> {
+        let _one_at_a_time = TIMING.lock().await;
         // One call in the middle takes 200 ms, and the target serves one call at a time: in an
         // open loop every call scheduled during the stall waited for it, so about 200 ms x
         // 1,000/s = 200 of the 1,000 calls are late by up to 200 ms; p99 must show it. (A closed
@@ -400,6 +408,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn the_closed_loop_is_bounded_by_concurrency_over_latency() -> anyhow::Result<()> {
+        let _one_at_a_time = TIMING.lock().await;
         // 4 callers, 10 ms a call: at most 400 calls/s.
         let outcome = closed(
             sleeping(Duration::from_millis(10)),
