@@ -143,7 +143,8 @@ run: build ## Start the local mesh (meshctl up); Ctrl-C stops it
 	target/debug/meshctl up
 
 # ---- benchmarks --------------------------------------------------------------------------
-# Release builds, then every configuration in one run (about 10 minutes): servers pinned to one
+# Release builds (about 7 minutes from clean: fat LTO), then every configuration in one run
+# (about 13 minutes; `make bench` reuses the build): servers pinned to one
 # CPU, the load generator to the other. Results: bench/results/<date>.{md,json}. The real
 # services are measured on PostgreSQL too when TEST_POSTGRES_URL names a server whose role may
 # create databases. BENCH_ARGS passes options (`--only 3-mesh`, `--duration 10`; see
@@ -151,7 +152,7 @@ run: build ## Start the local mesh (meshctl up); Ctrl-C stops it
 BENCH_ARGS ?=
 
 .PHONY: bench
-bench: ## Measure the mesh against bare tonic and the real services (release build, ~10 min)
+bench: ## Measure the mesh against bare tonic and the real services (release build + ~13 min)
 	$(CARGO) build --release --workspace --bins
 	target/release/meshwork-bench run $(BENCH_ARGS)
 
