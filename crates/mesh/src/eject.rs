@@ -5,7 +5,7 @@
 //! transport error (connection refused, reset, TLS), or a response whose `grpc-status` header is
 //! UNAVAILABLE (how tonic sends an error before any message: "trailers-only") — and after
 //! [`EjectionConfig::consecutive_failures`] of them makes itself not ready (an UNAVAILABLE
-//! marked [`NOT_PROCESSED_HEADER`] — shed by a busy server, or refused by a draining one —
+//! marked [`crate::retry::NOT_PROCESSED_HEADER`] — shed by a busy server, or refused by a draining one —
 //! counts neither way: a busy endpoint is not a broken one): `poll_ready` stays
 //! pending, with a timer to wake it, for an interval that starts at `base_interval` and doubles
 //! with each ejection that follows without a success in between, up to `max_interval`. A
@@ -53,11 +53,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
-use crate::{
-    config::EjectionConfig,
-    metrics::EjectionMetrics,
-    retry::{NOT_PROCESSED_HEADER, NOT_PROCESSED_VALUE},
-};
+use crate::{config::EjectionConfig, metrics::EjectionMetrics};
 
 /// The response header carrying the gRPC status of a trailers-only response.
 const GRPC_STATUS: &str = "grpc-status";
@@ -273,17 +269,15 @@ fn is_unavailable(headers: &HeaderMap) -> bool {
         .is_some_and(|status| status.as_bytes() == UNAVAILABLE.as_bytes())
 }
 
-/// Whether a response is a refusal marked as not processed ([`NOT_PROCESSED_HEADER`]): the
+/// Whether a response is a refusal marked as not processed
+/// ([`crate::retry::NOT_PROCESSED_HEADER`]): the
 /// server shed the call because it is at its concurrency limit, or refused it while draining.
 /// Neither says the endpoint is broken. Counting sheds as failures would eject the replicas
 /// that are busiest, pile their load on the others and make those shed in turn (`make bench`
 /// showed exactly that: a mesh hop at half its capacity cascading into ejections); a draining
 /// replica closes its port next, and that ejects it at once.
 fn is_refused_unprocessed(headers: &HeaderMap) -> bool {
-    is_unavailable(headers)
-        && headers
-            .get(NOT_PROCESSED_HEADER)
-            .is_some_and(|value| value.as_bytes() == NOT_PROCESSED_VALUE.as_bytes())
+    is_unavailable(headers) && crate::retry::is_marked_not_processed(headers)
 }
 
 /// Whether a call's error proves that no connection to its endpoint could be made (refused,
@@ -508,6 +502,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+    use crate::retry::{NOT_PROCESSED_HEADER, NOT_PROCESSED_VALUE};
 
     /// An endpoint that fails (connection refused) while `down` is set, and answers OK otherwise.
     #[derive(Clone, Default)]

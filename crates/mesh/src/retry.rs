@@ -494,7 +494,8 @@ fn is_unavailable(headers: &HeaderMap) -> bool {
         .is_some_and(|code| Code::from_bytes(code.as_bytes()) == Code::Unavailable)
 }
 
-fn is_marked_not_processed(headers: &HeaderMap) -> bool {
+/// Whether an answer carries [`NOT_PROCESSED_HEADER`] (the outlier ejection reads it too).
+pub(crate) fn is_marked_not_processed(headers: &HeaderMap) -> bool {
     headers
         .get(NOT_PROCESSED_HEADER)
         .is_some_and(|value| value.as_bytes() == NOT_PROCESSED_VALUE.as_bytes())
