@@ -194,9 +194,7 @@ impl Telemetry {
         // call, logged or not (measured: about a quarter of the server's CPU per call on a small
         // call, `make bench`). Lines logged inside a call carry its trace and span ids instead
         // (JSON), which join them to the trace.
-        let logs = logs.with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
-            !(metadata.is_span() && metadata.target() == crate::trace::SPAN_TARGET)
-        }));
+        let logs = logs.with_filter(without_mesh_spans());
         if registry.with(logs).try_init().is_err() {
             // Someone else installed a subscriber between the check and here.
             if let Some(provider) = provider {
@@ -222,6 +220,15 @@ impl Telemetry {
         }
         TelemetryGuard { provider }
     }
+}
+
+/// The log layer's filter: everything but the mesh's own spans ([`crate::trace::SPAN_TARGET`]);
+/// their events still pass.
+fn without_mesh_spans()
+-> tracing_subscriber::filter::FilterFn<impl Fn(&tracing::Metadata<'_>) -> bool> {
+    tracing_subscriber::filter::filter_fn(|metadata| {
+        !(metadata.is_span() && metadata.target() == crate::trace::SPAN_TARGET)
+    })
 }
 
 /// Installs the process's telemetry from the environment (see the module documentation).
@@ -433,6 +440,42 @@ mod tests {
                 ))
                 .with_writer(lines.clone()),
         )
+    }
+
+    #[test]
+    fn log_lines_leave_out_the_fields_of_the_mesh_spans_but_not_others() {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(lines.clone())
+                .with_filter(without_mesh_spans()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let call = tracing::info_span!(
+                target: crate::trace::SPAN_TARGET,
+                "grpc.server",
+                rpc.method = "GetUser"
+            );
+            let _call = call.enter();
+            let step = tracing::info_span!("saga", step = "charge");
+            let _step = step.enter();
+            tracing::info!("inside");
+            tracing::warn!(target: crate::trace::SPAN_TARGET, "from the mesh's module");
+        });
+        let text = lines.text();
+        assert!(
+            text.contains("inside") && text.contains("from the mesh's module"),
+            "{text}"
+        );
+        assert!(
+            text.contains("step"),
+            "another span's fields are kept: {text}"
+        );
+        assert!(
+            !text.contains("rpc.method"),
+            "a mesh span was formatted: {text}"
+        );
     }
 
     #[test]
