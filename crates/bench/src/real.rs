@@ -259,23 +259,17 @@ async fn wait_serving(
     let mut last = String::from("no answer yet");
     while started.elapsed() < READY_TIMEOUT {
         proc.check_alive()?;
-        let security = Security::Mtls {
-            tls: operator.clone(),
-            service: service.to_owned(),
-        };
-        match targets::channels(proc.addr, &security, 1).await {
-            Ok(mut channels) => {
-                if let Some(channel) = channels.pop() {
-                    let request = HealthCheckRequest {
-                        service: grpc_service.to_owned(),
-                    };
-                    match HealthClient::new(channel).check(request).await {
-                        Ok(response) if response.get_ref().status() == ServingStatus::Serving => {
-                            return Ok(());
-                        }
-                        Ok(response) => last = format!("{:?}", response.get_ref().status()),
-                        Err(status) => last = status.to_string(),
+        match operator_channel(proc.addr, service, operator).await {
+            Ok(channel) => {
+                let request = HealthCheckRequest {
+                    service: grpc_service.to_owned(),
+                };
+                match HealthClient::new(channel).check(request).await {
+                    Ok(response) if response.get_ref().status() == ServingStatus::Serving => {
+                        return Ok(());
                     }
+                    Ok(response) => last = format!("{:?}", response.get_ref().status()),
+                    Err(status) => last = status.to_string(),
                 }
             }
             Err(error) => last = format!("{error:#}"),

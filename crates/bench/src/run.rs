@@ -259,12 +259,9 @@ async fn start_synthetic(
     let mut args = vec![
         "serve".to_owned(),
         "--shape".to_owned(),
-        format!(
-            "{}",
-            clap::ValueEnum::to_possible_value(&shape)
-                .map(|v| v.get_name().to_owned())
-                .unwrap_or_default()
-        ),
+        clap::ValueEnum::to_possible_value(&shape)
+            .map(|value| value.get_name().to_owned())
+            .context("every shape has a name")?,
         "--cpu".to_owned(),
         ctx.server_cpu.to_string(),
         "--certs-dir".to_owned(),

@@ -36,8 +36,7 @@ use tonic::{
 use crate::directory::{Directory, Front};
 
 /// What the process serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Shape {
     Bare,
     BareMtls,
